@@ -1,0 +1,210 @@
+"""CIFAR-10 as uint8 tensors held on the device, with batched augmentation.
+
+`--data-dir DIR` is read in one of three ways:
+  1. an image-folder tree: DIR/train/<class>/*.png|jpg and DIR/test/<class>/*,
+     class folders named as CIFAR-10's classes (e.g. ../shared/datasets/cifar10-jpeg);
+  2. the standard python version: DIR/cifar-10-batches-py/ (or DIR itself);
+  3. neither, and DIR missing or empty: torchvision's download into DIR, md5-checked.
+"""
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils import UserError
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")  # CIFAR-10's label order
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+DEFAULT_DATA_DIR = "data/cifar10"
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+# ---------------------------------------------------------------- reading
+
+def read_pickle_folder(folder):
+    """cifar-10-batches-py/ -> (train_x, train_y, test_x, test_y); x is (N, 3, 32, 32) uint8."""
+    def read(names):
+        images, labels = [], []
+        for name in names:
+            # The official format is a Python pickle; read only files you trust.
+            with open(folder / name, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch["labels"])
+        return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long)
+
+    try:
+        return (*read([f"data_batch_{i}" for i in range(1, 6)]), *read(["test_batch"]))
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+        raise UserError(f"{folder} looks like cifar-10-batches-py but cannot be read "
+                        f"({type(e).__name__}: {e}); download it again") from None
+
+
+def read_image_folder(root):
+    """root/{train,test}/<class>/* -> (train_x, train_y, test_x, test_y); x is (N, 3, 32, 32) uint8."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    def load(path):
+        try:
+            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise UserError(f"{path} cannot be decoded as an image ({e})") from None
+        if image.shape != (3, 32, 32):
+            raise UserError(f"{path} is {image.shape[2]}x{image.shape[1]}, not a 32x32 CIFAR-10 image")
+        return image
+
+    def read(split):
+        classes = sorted(p.name for p in (root / split).iterdir() if p.is_dir())
+        if classes != sorted(CLASSES):
+            raise UserError(f"{root / split} has class folders {classes}, but CIFAR-10 needs "
+                            f"exactly {list(CLASSES)}")
+        images, labels = [], []
+        for label, name in enumerate(CLASSES):
+            files = sorted(p for p in (root / split / name).iterdir()
+                           if p.suffix.lower() in IMAGE_SUFFIXES)
+            images += [load(p) for p in files]
+            labels += [label] * len(files)
+        if not images:
+            raise UserError(f"{root / split} holds no images (.png or .jpg)")
+        return torch.stack(images), torch.tensor(labels)
+
+    return (*read("train"), *read("test"))
+
+
+def download(data_dir):
+    """torchvision's download of the python version into data_dir, md5-checked."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(URL, download_root=str(data_dir), md5=MD5)
+    except Exception as e:
+        raise UserError(
+            f"no CIFAR-10 in {data_dir} and the download failed ({type(e).__name__}); put the "
+            f"extracted cifar-10-batches-py/ folder in {data_dir}/, or pass --data-dir to a copy "
+            "(cifar-10-batches-py or train/<class>/ + test/<class>/ image folders)") from None
+
+
+def load_cifar10(data_dir=DEFAULT_DATA_DIR, allow_download=True):
+    """-> (train_x, train_y, test_x, test_y): x (N, 3, 32, 32) uint8, y (N,) int64 on the CPU."""
+    root = Path(data_dir)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return read_image_folder(root)
+    for folder in (root / "cifar-10-batches-py", root):
+        if (folder / "data_batch_1").is_file():
+            return read_pickle_folder(folder)
+    if root.is_dir() and any(root.iterdir()):
+        raise UserError(f"{root} is not a CIFAR-10 folder: expected {root}/cifar-10-batches-py/ "
+                        f"or image folders {root}/train/<class>/ and {root}/test/<class>/")
+    if not allow_download:
+        raise UserError(f"no CIFAR-10 in {root}: pass --data-dir to a cifar-10-batches-py folder "
+                        "or to train/<class>/ + test/<class>/ image folders")
+    download(root)
+    return read_pickle_folder(root / "cifar-10-batches-py")
+
+
+# ---------------------------------------------------------------- splits
+
+def split_indices(num_images, val_size, seed):
+    """A seeded permutation -> (train_idx, val_idx); the same seed gives the same split."""
+    if not 0 <= val_size < num_images:
+        raise UserError(f"--val-size {val_size} must be between 0 and {num_images - 1}")
+    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    # Both stay in shuffled order, so that the first N of either (--train-subset,
+    # --scan-size) are a random sample even when the files are sorted by class.
+    return perm[val_size:], perm[:val_size]
+
+
+def get_datasets(data_dir, val_size=5000, split_seed=0, train_subset=None, allow_download=True):
+    """-> {"train", "val", "test"} of (images, labels), and the split record for checkpoints.
+
+    The validation images are held out of the training set; `train_subset` keeps the
+    first N of the remaining training images."""
+    train_x, train_y, test_x, test_y = load_cifar10(data_dir, allow_download)
+    train_idx, val_idx = split_indices(len(train_x), val_size, split_seed)
+    if train_subset is not None:
+        if train_subset <= 0:
+            raise UserError(f"--train-subset must be a positive number of images, got {train_subset}")
+        train_idx = train_idx[:train_subset]
+    datasets = {"train": (train_x[train_idx], train_y[train_idx]),
+                "val": (train_x[val_idx], train_y[val_idx]),
+                "test": (test_x, test_y)}
+    split = {"val_size": val_size, "split_seed": split_seed, "num_train_images": len(train_x)}
+    return datasets, split
+
+
+# ---------------------------------------------------------------- batches
+
+def augment(images, shifts, flips):
+    """Random 32x32 crop of the 4-pixel zero-padded image, then an optional mirror.
+
+    images (B, 3, 32, 32) uint8, shifts (B, 2) in [0, 8], flips (B,) bool -> (B, 3, 32, 32) uint8.
+    One gather does both: a mirrored crop is the crop read with its columns reversed."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (4, 4, 4, 4))
+    rows = shifts[:, :1] + torch.arange(h, device=images.device)  # (B, H)
+    cols = shifts[:, 1:] + torch.arange(w, device=images.device)  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class Loader:
+    """Yields (B, 3, 32, 32) normalized float channels_last images and (B,) labels.
+
+    The whole split lives on `device` as uint8; a training loader shuffles, augments
+    and drops the last partial batch, with randomness fixed by (seed, epoch)."""
+
+    def __init__(self, images, labels, batch_size, device, train=False, seed=0):
+        if batch_size <= 0:
+            raise UserError(f"--batch-size must be positive, got {batch_size}")
+        if train and batch_size > len(images):
+            raise UserError(f"--batch-size {batch_size} is larger than the {len(images)} "
+                            "training images: lower it or train on more images")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(MEAN, device=self.device).view(shape) * 255
+        self.std = torch.tensor(STD, device=self.device).view(shape) * 255
+
+    @property
+    def num_samples(self):
+        return len(self) * self.batch_size if self.train else len(self.images)
+
+    def __len__(self):
+        n = len(self.images)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch):
+        """Choose the epoch whose shuffle and augmentation the next pass uses."""
+        self.epoch = epoch
+
+    def normalize(self, images):
+        """uint8 (B, 3, H, W) -> float32, zero mean and unit variance per channel, channels_last."""
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def __iter__(self):
+        n = len(self.images)
+        order = torch.arange(n, device=self.device)
+        if self.train:
+            # All of an epoch's random numbers are drawn at once on the CPU from
+            # (seed, epoch), so runs repeat exactly, also after a resume.
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=g).to(self.device)
+            shifts = torch.randint(0, 9, (n, 2), generator=g).to(self.device)
+            flips = (torch.rand(n, generator=g) < 0.5).to(self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            images = self.images[idx]
+            if self.train:
+                images = augment(images, shifts[idx], flips[idx])
+            yield self.normalize(images), self.labels[idx]

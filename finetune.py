@@ -1,0 +1,109 @@
+"""Finetune the pruned model with its masks held, and report the final results.
+
+    python finetune.py
+    python finetune.py --epochs 5 --lr 0.05 --data-dir ../shared/datasets/cifar10-jpeg
+
+The masks are re-applied after every optimizer step, so neither momentum nor weight
+decay brings a pruned weight back. The epoch with the best validation accuracy is
+kept in checkpoints/finetuned.pt; plots/summary.png compares the three stages.
+"""
+import time
+
+import torch
+
+from model import build_model_from_checkpoint
+from prune import FineGrainedPruner, get_sparse_macs
+from train import check_args, fit, get_args_parser, load_data_for, resumed_args, run_args
+from utils import (MiB, cli, ensure_writable, evaluate, get_device, get_model_size,
+                   load_checkpoint, save_checkpoint, save_figure, set_seed)
+
+
+def plot_summary(stages, path):
+    """Two bar panels, size (MiB) and test accuracy (%), for dense / pruned / finetuned."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(stages)
+    colors = ["tab:gray", "tab:orange", "tab:green"]
+    fig, (ax_size, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label, fmt in ((ax_size, "size_mib", "model size (MiB)", "{:.2f}"),
+                                (ax_acc, "test_acc", "test accuracy (%)", "{:.2f}%")):
+        values = [stages[n][key] for n in names]
+        bars = ax.bar(names, values, color=colors)
+        ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=8)
+        ax.set_ylabel(label)
+        ax.margins(y=0.15)
+    low = min(stages[n]["test_acc"] for n in names)
+    ax_acc.set_ylim(max(0, low - 10), 100)
+    fig.suptitle("Dense vs pruned vs finetuned")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def main(args):
+    ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
+    state_path, best_path = ckpt_dir / "finetuned.resume.pt", ckpt_dir / "finetuned.pt"
+    args = resumed_args(args, state_path)
+    ckpt = load_checkpoint(args.checkpoint or ckpt_dir / "pruned.pt", stages=("pruned",))
+    check_args(args)
+    device = get_device(args.device)
+    set_seed(args.seed)
+    loaders = load_data_for(ckpt, args, device, train=True)
+    model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
+    pruner = FineGrainedPruner.from_masks(ckpt["masks"], device)
+    pruned = ckpt["metrics"]
+
+    def keep_best(history):
+        entry, best = history[-1], max(h["val_acc"] for h in history)
+        print(f"Epoch {entry['epoch']} Accuracy {entry['val_acc']:.2f}% / Best Accuracy: {best:.2f}%"
+              f"  ({entry['seconds']:.0f} s)")
+        if not entry["val_acc"] < best:  # NaN (no val split) keeps the latest
+            save_checkpoint({"model": model.state_dict(), "stage": "finetuned", "config": ckpt["config"],
+                             "metrics": {**pruned, "best_epoch": entry["epoch"]}, "history": history,
+                             "args": run_args(args), "split": ckpt["split"], "masks": ckpt["masks"],
+                             "sparsity": ckpt["sparsity"]}, best_path)
+
+    t0 = time.perf_counter()
+    history = fit(model, loaders, args, state_path, on_epoch=keep_best, pruner=pruner, desc="finetune")
+    best = load_checkpoint(best_path, stages=("finetuned",))
+    model.load_state_dict(best["model"])
+    test_acc = evaluate(model, loaders["test"])
+    inputs = torch.zeros(1, 3, 32, 32, device=device)
+    sparse_bits = get_model_size(model, count_nonzero_only=True)
+    nonzero = sum(int(m.sum()) for m in pruner.masks.values())
+    best_epoch = best["metrics"]["best_epoch"]
+    metrics = {**pruned, "val_acc": history[best_epoch - 1]["val_acc"], "test_acc": test_acc,
+               "pruned_val_acc": pruned["val_acc"], "pruned_test_acc": pruned["test_acc"],
+               "best_epoch": best_epoch, "sparse_size_bits": sparse_bits,
+               "sparse_macs": get_sparse_macs(model, inputs),
+               "sparsity": 1 - nonzero / sum(m.numel() for m in pruner.masks.values()),
+               "finetune_seconds": time.perf_counter() - t0}
+    save_checkpoint({**best, "metrics": metrics, "history": history}, best_path)
+    state_path.unlink(missing_ok=True)
+
+    dense_mib, sparse_mib = pruned["dense_size_bits"] / MiB, sparse_bits / MiB
+    print(f"\nOriginal model size: {dense_mib:.2f} MiB | test accuracy {pruned['dense_test_acc']:.2f}%")
+    print(f"Sparse model size: {sparse_mib:.2f} MiB = {100 * sparse_mib / dense_mib:.2f}% of the original "
+          f"({dense_mib / sparse_mib:.2f}x smaller)")
+    print(f"Sparse model test accuracy: {pruned['test_acc']:.2f}% before finetuning, "
+          f"{test_acc:.2f}% after (best epoch {metrics['best_epoch']} by validation)")
+    print(f"Overall sparsity of the prunable weights: {metrics['sparsity']:.2%} | MACs per image: "
+          f"{pruned['dense_macs'] / 1e6:,.1f} M dense, {metrics['sparse_macs'] / 1e6:,.1f} M on nonzero weights")
+    plot = plot_summary({"dense": {"size_mib": dense_mib, "test_acc": pruned["dense_test_acc"]},
+                         "pruned": {"size_mib": sparse_mib, "test_acc": pruned["test_acc"]},
+                         "finetuned": {"size_mib": sparse_mib, "test_acc": test_acc}},
+                        plot_dir / "summary.png")
+    print(f"saved {best_path} and {plot}")
+    return metrics
+
+
+def get_finetune_args_parser():
+    parser = get_args_parser(__doc__, epochs=5, lr=0.05, plots=True)
+    parser.add_argument("--checkpoint", default=None,
+                        help="pruned model to finetune (default: <checkpoint-dir>/pruned.pt)")
+    return parser
+
+
+if __name__ == "__main__":
+    cli(main, get_finetune_args_parser())

@@ -1,0 +1,256 @@
+"""Sensitivity scan: prune one layer at a time and measure validation accuracy.
+
+    python sensitivity.py
+    python sensitivity.py --sparsities 0.5,0.7,0.9,0.95 --scan-size 2000 --max-drop 0.5
+
+For every prunable tensor and every sparsity, only that tensor is pruned, the
+validation accuracy is measured, and the tensor is restored bit for bit. The
+layers in front of the pruned one do not change, so their activations are computed
+once per batch and only the rest of the network runs for each sparsity.
+
+Writes checkpoints/sensitivity.json, checkpoints/sparsity_suggested.json,
+plots/sensitivity.png and plots/parameters.png, and prints the suggested dict.
+"""
+import argparse
+import json
+import math
+import warnings
+
+import torch
+from tqdm import tqdm
+
+from model import build_model_from_checkpoint
+from prune import fine_grained_prune, get_prunable_names
+from train import add_common_args, load_data_for
+from utils import (MiB, UserError, autocast, cli, ensure_writable, evaluate, format_table,
+                   get_device, get_model_size, load_checkpoint, save_checkpoint, save_figure,
+                   tta_views)
+
+DEFAULT_SPARSITIES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def stage_of(name, model):
+    """Index in model.stages() of the stage that holds parameter `name`."""
+    if name.startswith("backbone."):
+        return list(model.backbone._modules).index(name.split(".")[1])
+    return len(model.stages()) - 1
+
+
+def run_stages(stages, x):
+    for stage in stages:
+        x = stage(x)
+    return x
+
+
+@torch.no_grad()
+def sensitivity_scan(model, loader, sparsities=DEFAULT_SPARSITIES, names=None, progress=True):
+    """{layer name: [val accuracy in % for each sparsity]}, pruning one layer at a time.
+
+    Equal to naive_sensitivity_scan, but the unchanged prefix of the network runs once
+    per batch instead of once per sparsity. The model is left bit for bit unchanged."""
+    was_training = model.training
+    model.eval()
+    stages, params = model.stages(), dict(model.named_parameters())
+    names = list(names or get_prunable_names(model))
+    accuracies = {}
+    bar = tqdm(total=len(names) * len(loader), desc="scan", disable=not progress, dynamic_ncols=True)
+    for name in names:
+        param, k = params[name], stage_of(name, model)
+        original = param.detach().clone()
+        pruned = [original.clone() for _ in sparsities]
+        for w, sparsity in zip(pruned, sparsities):
+            fine_grained_prune(w, sparsity)
+        correct = torch.zeros(len(sparsities), dtype=torch.long, device=loader.device)
+        bar.set_postfix_str(name.replace("backbone.", ""))
+        try:
+            for x, y in loader:
+                with autocast(loader.device):
+                    prefixes = [run_stages(stages[:k], view) for view in tta_views(x)]
+                for i, w in enumerate(pruned):
+                    param.copy_(w)
+                    # A fresh autocast region per weight change: autocast caches the
+                    # bf16 copy of each weight until its outermost region exits.
+                    with autocast(loader.device):
+                        logits = sum(run_stages(stages[k:], p) for p in prefixes)
+                    correct[i] += (logits.argmax(1) == y).sum()
+                bar.update()
+        finally:
+            param.copy_(original)
+        accuracies[name] = (100.0 * correct.double() / loader.num_samples).tolist()
+    bar.close()
+    model.train(was_training)
+    return accuracies
+
+
+@torch.no_grad()
+def naive_sensitivity_scan(model, loader, sparsities=DEFAULT_SPARSITIES, names=None):
+    """The course's plain scan (a whole evaluation per layer and sparsity); the
+    reference that tests and bench.py compare sensitivity_scan against."""
+    params = dict(model.named_parameters())
+    accuracies = {}
+    for name in names or get_prunable_names(model):
+        original = params[name].detach().clone()
+        accuracies[name] = []
+        for sparsity in sparsities:
+            fine_grained_prune(params[name], sparsity)
+            accuracies[name].append(evaluate(model, loader))
+            params[name].copy_(original)
+    return accuracies
+
+
+def suggest_sparsity(dense_acc, sparsities, accuracies, max_drop):
+    """Per layer, the highest scanned sparsity whose accuracy drop from `dense_acc`
+    stays within `max_drop` points (0.0 when none does)."""
+    return {name: max([s for s, acc in zip(sparsities, accs) if dense_acc - acc <= max_drop],
+                      default=0.0)
+            for name, accs in accuracies.items()}
+
+
+def parse_sparsities(text):
+    """'0.4,0.5' -> (0.4, 0.5), each checked to lie in [0, 1]."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--sparsities takes comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise UserError(f"--sparsities must be numbers in [0, 1], got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def plot_sensitivity(result, suggestion, path):
+    """One panel per layer: accuracy against sparsity, the dense accuracy and the allowed drop."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense, drop, sparsities = result["dense_acc"], result["max_drop"], result["sparsities"]
+    names = list(result["accuracy"])
+    cols = 6
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        accs = result["accuracy"][name]
+        ok = [dense - a <= drop for a in accs]
+        ax.plot(sparsities, accs, color="0.3", lw=1.2, zorder=1)
+        ax.scatter(sparsities, accs, c=["tab:green" if o else "tab:red" for o in ok], s=18, zorder=2)
+        ax.axhline(dense, color="tab:blue", ls="--", lw=1, label=f"dense {dense:.1f}%")
+        ax.axhline(dense - drop, color="tab:red", ls=":", lw=1, label=f"allowed drop {drop:g}")
+        if suggestion[name] > 0:
+            ax.axvline(suggestion[name], color="tab:green", lw=0.8, alpha=0.6)
+        low = min(min(accs), dense - 2 * drop)
+        ax.set_ylim(max(0, low - 0.1 * (dense - low) - 0.5), min(100, dense + 0.15 * (dense - low) + 0.5))
+        ax.set_title(f"{name.replace('backbone.', '').replace('.weight', '')} "
+                     f"({result['num_parameters'][name]:,})\nsuggested {suggestion[name]:.2f}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("sparsity", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy (%)", fontsize=8)
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"Sensitivity scan on the {result['split']} split ({result['num_images']:,} images): "
+                 "green points stay within the allowed drop")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_parameters(num_parameters, path):
+    """Horizontal bars: parameter count per prunable layer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n.replace("backbone.", "").replace(".weight", "") for n in num_parameters]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1))
+    ax.barh(names[::-1], list(num_parameters.values())[::-1], color="tab:blue")
+    for i, v in enumerate(list(num_parameters.values())[::-1]):
+        ax.text(v, i, f" {v:,}", va="center", fontsize=7)
+    ax.set_xlabel("parameters")
+    ax.set_title("Parameters per prunable layer: where pruning saves the most")
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def predicted_size(model, suggestion):
+    """Bits of the model if pruned with `suggestion` (the seed's accounting)."""
+    params = dict(model.named_parameters())
+    removed = sum(round(s * params[n].numel()) for n, s in suggestion.items())
+    return get_model_size(model) - removed * 32
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, plots=True)
+    add = parser.add_argument
+    add("--checkpoint", default=None, help="model to scan (default: <checkpoint-dir>/dense.pt)")
+    add("--sparsities", default=",".join(map(str, DEFAULT_SPARSITIES)),
+        help="comma-separated sparsities to try per layer (default: %(default)s)")
+    add("--scan-size", type=int, default=None, metavar="N",
+        help="use only N validation images: faster, noisier (default: all)")
+    add("--max-drop", type=float, default=1.0,
+        help="accuracy points a layer may lose at its suggested sparsity. Layers are scanned "
+             "one at a time, so the drops add up when all are pruned together; finetuning wins "
+             "most of it back (default: %(default)s)")
+    return parser
+
+
+def main(args):
+    ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
+    sparsities = parse_sparsities(args.sparsities)
+    if args.max_drop < 0:
+        raise UserError(f"--max-drop is in accuracy points and must be >= 0, got {args.max_drop}")
+    if args.scan_size is not None and args.scan_size <= 0:
+        raise UserError(f"--scan-size must be a positive number of images, got {args.scan_size}")
+    ckpt = load_checkpoint(args.checkpoint or ckpt_dir / "dense.pt", stages=("dense", "finetuned"))
+    device = get_device(args.device)
+    model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
+    loaders = load_data_for(ckpt, args, device)
+    split = "val"
+    if len(loaders["val"].images) == 0:
+        warnings.warn("the checkpoint was trained with --val-size 0: no validation split, so the "
+                      "scan uses the TEST set; the suggestion then peeks at test data")
+        split = "test"
+    loader = loaders[split]
+    if args.scan_size is not None:
+        loader.images, loader.labels = loader.images[:args.scan_size], loader.labels[:args.scan_size]
+
+    dense_acc = evaluate(model, loader)
+    print(f"dense accuracy on {len(loader.images):,} {split} images: {dense_acc:.2f}%")
+    accuracies = sensitivity_scan(model, loader, sparsities)
+    params = dict(model.named_parameters())
+    result = {"dense_acc": dense_acc, "sparsities": list(sparsities), "accuracy": accuracies,
+              "num_parameters": {n: params[n].numel() for n in accuracies},
+              "max_drop": args.max_drop, "split": split, "num_images": len(loader.images),
+              "checkpoint": str(args.checkpoint or ckpt_dir / "dense.pt")}
+    suggestion = suggest_sparsity(dense_acc, sparsities, accuracies, args.max_drop)
+
+    rows = [[n, f"{result['num_parameters'][n]:,}", *(f"{a:.2f}" for a in accs), f"{suggestion[n]:.2f}"]
+            for n, accs in accuracies.items()]
+    print(format_table(rows, ["layer", "params", *(f"s={s:g}" for s in sparsities), "suggested"]))
+    write_json(result, ckpt_dir / "sensitivity.json")
+    write_json(suggestion, ckpt_dir / "sparsity_suggested.json")
+    plots = [plot_sensitivity(result, suggestion, plot_dir / "sensitivity.png"),
+             plot_parameters(result["num_parameters"], plot_dir / "parameters.png")]
+    dense_bits, sparse_bits = get_model_size(model), predicted_size(model, suggestion)
+    print(f"\nSuggested sparsity dict (max drop {args.max_drop:g} points per layer); paste it "
+          f"into prune.py or pass --sparsity {ckpt_dir / 'sparsity_suggested.json'}:")
+    print("SPARSITY = {\n" + "".join(f"    {n!r}: {s},\n" for n, s in suggestion.items()) + "}")
+    print(f"It would give {sparse_bits / MiB:.2f} MiB from {dense_bits / MiB:.2f} MiB "
+          f"({dense_bits / sparse_bits:.2f}x smaller) | plots: {', '.join(map(str, plots))}")
+    return {"dense_acc": dense_acc, "suggestion": suggestion, "sparse_size_bits": sparse_bits}
+
+
+def write_json(obj, path):
+    """JSON through save_checkpoint's atomic replace is overkill; a temp file + rename here."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+if __name__ == "__main__":
+    cli(main, get_args_parser())

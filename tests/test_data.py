@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from data import CLASSES, Loader, augment, get_datasets, load_cifar10, split_indices
+from utils import UserError
+
+
+def test_image_folder_and_pickle_read_the_same(image_folder, pickle_folder, tiny_arrays):
+    from_png = load_cifar10(image_folder, allow_download=False)
+    from_pickle = load_cifar10(pickle_folder, allow_download=False)
+    images, labels = tiny_arrays["train"]
+    # The image folder is sorted by class; the pickle keeps the original order.
+    order = torch.argsort(labels, stable=True)
+    assert torch.equal(from_pickle[0], images) and torch.equal(from_pickle[1], labels)
+    assert torch.equal(from_png[0], images[order]) and torch.equal(from_png[1], labels[order])
+    assert from_png[2].dtype == torch.uint8 and from_png[2].shape == (50, 3, 32, 32)
+    assert torch.equal(from_pickle[3], tiny_arrays["test"][1])
+
+
+def test_batches_folder_itself_is_accepted(pickle_folder):
+    assert len(load_cifar10(pickle_folder / "cifar-10-batches-py", allow_download=False)[0]) == 200
+
+
+def test_split_is_seeded_and_disjoint():
+    a_train, a_val = split_indices(100, 10, seed=3)
+    b_train, b_val = split_indices(100, 10, seed=3)
+    c_train, c_val = split_indices(100, 10, seed=4)
+    assert torch.equal(a_val, b_val) and torch.equal(a_train, b_train)
+    assert not torch.equal(a_val, c_val)
+    assert sorted(torch.cat([a_train, a_val]).tolist()) == list(range(100))
+
+
+def test_train_subset_and_val_size(image_folder):
+    datasets, split = get_datasets(image_folder, val_size=30, split_seed=0, train_subset=50,
+                                   allow_download=False)
+    assert len(datasets["train"][0]) == 50 and len(datasets["val"][0]) == 30
+    assert split == {"val_size": 30, "split_seed": 0, "num_train_images": 200}
+    # the subset is drawn from shuffled indices, so it spans classes despite sorted files
+    assert len(datasets["train"][1].unique()) > 5
+
+
+def test_augment_crops_and_flips():
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int32).view(2, 3, 32, 32).to(torch.uint8)
+    centered = augment(images, torch.full((2, 2), 4), torch.tensor([False, True]))
+    assert torch.equal(centered[0], images[0])
+    assert torch.equal(centered[1], images[1].flip(2))
+    shifted = augment(images, torch.tensor([[0, 0], [8, 8]]), torch.tensor([False, False]))
+    assert (shifted[0, :, :4, :] == 0).all() and torch.equal(shifted[0, :, 4:, 4:], images[0, :, :28, :28])
+    assert torch.equal(shifted[1, :, :28, :28], images[1, :, 4:, 4:])
+
+
+def test_loader_batches_keep_shapes_dtypes_and_labels():
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(40) % 10
+    loader = Loader(images, labels, batch_size=16, device="cpu", train=True, seed=0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 2  # the partial batch is dropped when training
+    for x, y in batches:
+        assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert y.dtype == torch.long and y.shape == (16,)
+    loader.set_epoch(0)
+    first = next(iter(loader))
+    assert torch.equal(first[0], batches[0][0])  # the same epoch repeats exactly
+    loader.set_epoch(1)
+    assert not torch.equal(next(iter(loader))[0], batches[0][0])
+    evaluation = Loader(images, labels, batch_size=16, device="cpu")
+    assert len(evaluation) == 3 and torch.equal(torch.cat([y for _, y in evaluation]), labels)
+
+
+def test_augmented_labels_stay_with_their_images():
+    # every image is a constant equal to its label, so the pairing can be checked after augmenting
+    labels = torch.arange(64) % 10
+    images = (labels * 20 + 10).view(-1, 1, 1, 1).expand(64, 3, 32, 32).to(torch.uint8).contiguous()
+    loader = Loader(images, labels, batch_size=32, device="cpu", train=True, seed=1)
+    for x, y in loader:
+        raw = (x * loader.std + loader.mean).round()
+        centre = raw[:, 0, 16, 16]  # the centre pixel is never padding
+        assert torch.equal(centre, (y * 20 + 10).float())
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="pass --data-dir"):
+        load_cifar10(tmp_path / "nowhere", allow_download=False)
+
+
+def test_folder_of_something_else_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="is not a CIFAR-10 folder"):
+        load_cifar10(tmp_path, allow_download=False)
+
+
+def test_wrong_class_names_are_refused(tmp_path):
+    for split in ("train", "test"):
+        for name in [*CLASSES[:9], "lorry"]:
+            (tmp_path / split / name).mkdir(parents=True)
+    with pytest.raises(UserError, match="class folders"):
+        load_cifar10(tmp_path, allow_download=False)

@@ -1,0 +1,99 @@
+import io
+import pickle
+
+import pytest
+import torch
+
+from model import build_model
+from prune import FineGrainedPruner, SPARSITY
+from utils import (MiB, UserError, get_device, get_model_size, get_model_sparsity, get_num_parameters,
+                   get_sparsity, load_checkpoint, save_checkpoint)
+
+
+def test_size_accounting_matches_the_seed():
+    model = build_model()
+    assert get_num_parameters(model) == 20_145_738
+    assert f"{get_model_size(model) / MiB:.2f}" == "76.85"
+    FineGrainedPruner(model, SPARSITY)
+    sparse = get_model_size(model, count_nonzero_only=True)
+    assert f"{sparse / MiB:.2f}" == "16.16"
+    assert 0.75 < get_model_sparsity(model) < 0.8
+
+
+def test_get_sparsity():
+    assert get_sparsity(torch.tensor([0.0, 1.0, 0.0, 2.0])) == 0.5
+    assert get_sparsity(torch.zeros(3)) == 1.0
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = build_model(width=0.0625)
+    ckpt = {"model": model.state_dict(), "stage": "dense", "config": {"width": 0.0625, "num_classes": 10},
+            "metrics": {"val_acc": 12.5}, "history": [{"epoch": 1}], "split": {"val_size": 5}}
+    path = save_checkpoint(ckpt, tmp_path / "dense.pt")
+    loaded = load_checkpoint(path)
+    assert loaded["metrics"] == {"val_acc": 12.5} and loaded["config"]["width"] == 0.0625
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded["model"][k], v)
+    assert [p.name for p in tmp_path.iterdir()] == ["dense.pt"]  # no temporary left behind
+
+
+class Boom:
+    def __reduce__(self):
+        raise KeyboardInterrupt  # an interrupt in the middle of writing
+
+
+def test_interrupted_save_keeps_the_old_file(tmp_path):
+    path = save_checkpoint({"model": {}, "stage": "dense", "value": torch.arange(1000)}, tmp_path / "c.pt")
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {}, "stage": "dense", "big": torch.zeros(10_000), "x": Boom()}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_pickle_with_a_payload_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    buffer = io.BytesIO()
+    torch.save({"model": {}, "stage": "dense", "x": Payload()}, buffer)
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    assert "this must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", pickle.dumps([1, 2, 3])])
+def test_garbage_and_truncated_files_are_clear_errors(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="bad.pt"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = save_checkpoint({"model": build_model(width=0.0625).state_dict(), "stage": "dense"}, tmp_path / "t.pt")
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_missing_and_wrong_stage_name_the_script_to_run(tmp_path):
+    with pytest.raises(UserError, match="run `python train.py` first"):
+        load_checkpoint(tmp_path / "dense.pt")
+    path = save_checkpoint({"model": {}, "stage": "dense"}, tmp_path / "dense.pt")
+    with pytest.raises(UserError, match="'dense' checkpoint.*run `python prune.py` first"):
+        load_checkpoint(path, stages=("pruned",))
+
+
+def test_device_choice():
+    assert get_device("cpu").type == "cpu"
+    assert get_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA"):
+            get_device("cuda")
+    with pytest.raises(UserError, match="unknown --device"):
+        get_device("tpu")

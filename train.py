@@ -1,0 +1,259 @@
+"""Train the dense network on CIFAR-10 and save checkpoints/dense.pt.
+
+    python train.py                                   # width 1.0, GPU-sized
+    python train.py --width 0.25 --epochs 10 --data-dir ../shared/datasets/cifar10-jpeg
+
+The recipe: SGD with Nesterov momentum, a linear warm-up then linear decay of the
+learning rate, label smoothing, weight decay on the conv/linear weights only, random
+crop + flip done on whole batches on the device, channels_last and bf16 autocast.
+A resumable state is saved after every epoch; continue an interrupted run with --resume.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import DEFAULT_DATA_DIR, Loader, get_datasets
+from model import build_model
+from utils import (Interrupted, UserError, autocast, cli, ensure_writable, evaluate, get_device,
+                   load_checkpoint, model_summary, save_checkpoint, set_seed)
+
+EVAL_BATCH_SIZE = 1000
+# Flags that define a run: a resumed run takes them from the saved state.
+RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
+             "warmup", "width", "train_subset", "val_size")
+
+
+def add_common_args(parser, plots=False):
+    """The flags every script shares: where data, checkpoints and plots live, and the device."""
+    add = parser.add_argument
+    add("--data-dir", default=DEFAULT_DATA_DIR,
+        help="CIFAR-10 folder: cifar-10-batches-py, train/<class>/ image folders, or empty "
+             "to download into (default: %(default)s)")
+    add("--checkpoint-dir", default="checkpoints",
+        help="where checkpoints are read and written (default: %(default)s)")
+    if plots:
+        add("--plot-dir", default="plots", help="where plots go (default: %(default)s)")
+    add("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    return parser
+
+
+def get_args_parser(description=__doc__, epochs=30, lr=0.2, plots=False):
+    """train.py's flags; finetune.py reuses them with its own defaults."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, plots)
+    add = parser.add_argument
+    add("--seed", type=int, default=0, help="seed for init, split and augmentation (default: %(default)s)")
+    add("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
+    add("--batch-size", type=int, default=512, help="training batch size (default: %(default)s)")
+    add("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
+    add("--momentum", type=float, default=0.9, help="Nesterov momentum (default: %(default)s)")
+    add("--weight-decay", type=float, default=5e-4,
+        help="L2 on conv/linear weights; BatchNorm and biases get none (default: %(default)s)")
+    add("--label-smoothing", type=float, default=0.2, help="(default: %(default)s)")
+    add("--warmup", type=float, default=0.2,
+        help="fraction of steps spent warming the lr up from 0; it then decays linearly "
+             "to 0 (default: %(default)s)")
+    add("--train-subset", type=int, default=None, metavar="N",
+        help="train on only N images of the training split, for quick runs (default: all)")
+    add("--resume", action="store_true",
+        help="continue the interrupted run from its last saved epoch")
+    return parser
+
+
+def get_train_args_parser():
+    parser = get_args_parser()
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="channel multiplier; 0.25 suits a CPU (default: %(default)s)")
+    parser.add_argument("--val-size", type=int, default=5000,
+                        help="training images held out for validation (default: %(default)s)")
+    return parser
+
+
+def check_args(args):
+    """Refuse nonsensical numbers before any work starts."""
+    if args.epochs <= 0:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.warmup < 1:
+        raise UserError(f"--warmup is a fraction in [0, 1), got {args.warmup}")
+    if args.train_subset is not None and args.train_subset <= 0:
+        raise UserError(f"--train-subset must be a positive number of images, got {args.train_subset}")
+
+
+def build_optimizer(model, lr, momentum, weight_decay):
+    """SGD with Nesterov momentum; weight decay only on tensors with dim > 1."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+
+
+def build_scheduler(optimizer, total_steps, warmup):
+    """Per-step lr factor: linear from 0 to 1 over `warmup` of the steps, then down to 0."""
+    peak = max(1, round(warmup * total_steps))
+
+    def factor(step):
+        return step / peak if step < peak else max(0.0, (total_steps - step) / max(1, total_steps - peak))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, label_smoothing=0.0, pruner=None, desc="train"):
+    """One pass over `loader`; returns the mean training loss. With a pruner, its
+    masks are re-applied after every optimizer step, so pruned weights stay zero."""
+    model.train()
+    total_loss = torch.zeros((), device=loader.device)  # summed on the device: no sync per step
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        with autocast(loader.device):
+            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if pruner is not None:
+            pruner.apply(model)
+        total_loss += loss.detach()
+    return total_loss.item() / max(1, len(loader))
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoch"):
+    """Train for args.epochs with a per-epoch resumable state at `state_path`.
+
+    Returns the history (one dict per epoch). `on_epoch(history)` runs after each epoch's
+    validation, before the state is saved; finetune.py keeps its best model there. A
+    pruner's masks are re-applied after every step."""
+    model.train()
+    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
+    scheduler = build_scheduler(optimizer, args.epochs * len(loaders["train"]), args.warmup)
+    history, start = [], 0
+    if args.resume:
+        state = load_checkpoint(state_path, stages=("resume",))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        history, start = state["history"], state["epoch"]
+        print(f"resuming after epoch {start} of {args.epochs} from {state_path}")
+    epoch = start
+    try:
+        for epoch in range(start, args.epochs):
+            loaders["train"].set_epoch(epoch)
+            t0 = time.perf_counter()
+            loss = train_one_epoch(model, loaders["train"], optimizer, scheduler, args.label_smoothing,
+                                   pruner, desc=f"{desc} {epoch + 1}/{args.epochs}")
+            seconds = time.perf_counter() - t0
+            entry = {"epoch": epoch + 1, "train_loss": loss, "val_acc": evaluate(model, loaders["val"]),
+                     "seconds": seconds, "images_per_s": loaders["train"].num_samples / seconds,
+                     "lr": optimizer.param_groups[0]["lr"]}
+            history.append(entry)
+            if on_epoch is not None:
+                on_epoch(history)
+            save_checkpoint({"stage": "resume", "model": model.state_dict(), "epoch": epoch + 1,
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "rng": rng_state(), "history": history, "args": run_args(args)}, state_path)
+    except KeyboardInterrupt:
+        where = (f"{state_path} (after epoch {epoch}); continue with the same command plus --resume"
+                 if epoch > 0 else "none yet: no epoch finished")
+        raise Interrupted(f"during epoch {epoch + 1}. Last good state: {where}") from None
+    return history
+
+
+def run_args(args):
+    """The flags that define a run, as a plain dict for checkpoints."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def resumed_args(args, state_path):
+    """On --resume, the run's defining flags come from the saved state, not the command line."""
+    if not args.resume:
+        return args
+    if not Path(state_path).is_file():
+        raise UserError(f"--resume: no saved state at {state_path}; start the run without --resume")
+    saved = load_checkpoint(state_path, stages=("resume",))["args"]
+    for flag in RUN_FLAGS:
+        if flag in saved:
+            setattr(args, flag, saved[flag])
+    return args
+
+
+def load_data_for(ckpt, args, device, train=False):
+    """Loaders over the very split the checkpoint was trained with (val/test; train too
+    when asked)."""
+    split = ckpt["split"]
+    datasets, found = get_datasets(args.data_dir, split["val_size"], split["split_seed"],
+                                   getattr(args, "train_subset", None))
+    if found["num_train_images"] != split["num_train_images"]:
+        raise UserError(f"{args.data_dir} has {found['num_train_images']} training images, but the "
+                        f"checkpoint's split was drawn from {split['num_train_images']}: pass the "
+                        "--data-dir it was trained on")
+    if train:
+        return make_loaders(datasets, args, device)
+    return {k: Loader(*datasets[k], EVAL_BATCH_SIZE, device) for k in ("val", "test")}
+
+
+def make_loaders(datasets, args, device):
+    """Training loader (shuffled, augmented) and evaluation loaders for val and test."""
+    return {"train": Loader(*datasets["train"], args.batch_size, device, train=True, seed=args.seed),
+            "val": Loader(*datasets["val"], EVAL_BATCH_SIZE, device),
+            "test": Loader(*datasets["test"], EVAL_BATCH_SIZE, device)}
+
+
+def print_epoch(history):
+    entry = history[-1]
+    val = "-" if entry["val_acc"] != entry["val_acc"] else f"{entry['val_acc']:.2f}%"
+    tqdm.write(f"epoch {entry['epoch']:3d} | loss {entry['train_loss']:.4f} | val {val} | "
+               f"{entry['seconds']:.1f} s ({entry['images_per_s']:.0f} img/s)")
+
+
+def main(args):
+    ckpt_dir = ensure_writable(args.checkpoint_dir)
+    state_path = ckpt_dir / "dense.resume.pt"
+    args = resumed_args(args, state_path)
+    check_args(args)
+    device = get_device(args.device)
+    set_seed(args.seed)
+    datasets, split = get_datasets(args.data_dir, args.val_size, args.seed, args.train_subset)
+    loaders = make_loaders(datasets, args, device)
+    model = build_model(args.width).to(device, memory_format=torch.channels_last)
+    print(f"model (width {args.width}): {model_summary(model, device)}")
+    print(f"data: {len(datasets['train'][0]):,} train / {len(datasets['val'][0]):,} val / "
+          f"{len(datasets['test'][0]):,} test images on {device}")
+
+    t0 = time.perf_counter()
+    history = fit(model, loaders, args, state_path, on_epoch=print_epoch)
+    test_acc = evaluate(model, loaders["test"])
+    metrics = {"val_acc": history[-1]["val_acc"], "test_acc": test_acc,
+               "train_seconds": sum(h["seconds"] for h in history),
+               "wall_seconds": time.perf_counter() - t0}
+    path = save_checkpoint({"model": model.state_dict(), "stage": "dense",
+                            "config": {"width": args.width, "num_classes": 10},
+                            "metrics": metrics, "history": history, "args": run_args(args),
+                            "split": split}, ckpt_dir / "dense.pt")
+    state_path.unlink(missing_ok=True)
+    print(f"test accuracy {test_acc:.2f}% (flip TTA) | val {metrics['val_acc']:.2f}% | "
+          f"train time {metrics['train_seconds']:.0f} s | saved {path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    cli(main, get_train_args_parser())

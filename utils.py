@@ -1,0 +1,223 @@
+"""Shared helpers: device, seeding, autocast, evaluation, size/sparsity/MACs
+accounting (named as in the MIT HAN Lab EfficientML course), atomic checkpoints
+and the command-line wrapper that turns user errors into one line on stderr."""
+import os
+import random
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+Byte = 8
+KiB = 1024 * Byte
+MiB = 1024 * KiB  # in bits, as in the course: get_model_size(model) / MiB
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, never as a traceback."""
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    """Ctrl-C, reported with where the last good state was saved."""
+    exit_code = 130
+
+
+# ---------------------------------------------------------------- device
+
+def get_device(name="auto"):
+    """'auto' | 'cpu' | 'cuda' -> torch.device; 'cuda' without CUDA is a UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but this machine has no CUDA GPU "
+                        "(use --device cpu or --device auto)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def set_seed(seed):
+    """Seed Python, NumPy and torch (CPU and CUDA) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device):
+    """bf16 autocast on a CUDA GPU or a CPU with native bf16; fp32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def tta_views(x):
+    """Test-time augmentation: each (N, 3, H, W) batch is also seen mirrored."""
+    return x, x.flip(3)
+
+
+@torch.no_grad()
+def predict(model, x):
+    """(N, 3, H, W) -> (N, classes) logits summed over the TTA views."""
+    return sum(model(view) for view in tta_views(x))
+
+
+@torch.no_grad()
+def evaluate(model, loader):
+    """Top-1 accuracy in % over the loader, with flip test-time augmentation."""
+    if len(loader) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=loader.device)
+    with autocast(loader.device):
+        for x, y in loader:
+            correct += (predict(model, x).argmax(1) == y).sum()
+    model.train(was_training)
+    return 100.0 * correct.item() / loader.num_samples
+
+
+# ---------------------------------------------------------------- accounting
+
+def get_sparsity(tensor):
+    """Fraction of zeros in a tensor, in [0, 1]."""
+    return 1.0 - float(tensor.count_nonzero()) / max(1, tensor.numel())
+
+
+def get_model_sparsity(model):
+    """Fraction of zeros over all of the model's parameters."""
+    nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
+    return 1.0 - nonzero / max(1, get_num_parameters(model))
+
+
+def get_num_parameters(model, count_nonzero_only=False):
+    """Number of parameters; with count_nonzero_only, pruned (zero) weights of the
+    prunable tensors (dim > 1) are left out, while BatchNorm and bias vectors count
+    in full: a sparse format stores them whole."""
+    total = 0
+    for p in model.parameters():
+        total += int(p.count_nonzero()) if count_nonzero_only and p.dim() > 1 else p.numel()
+    return total
+
+
+def get_model_size(model, data_width=32, count_nonzero_only=False):
+    """Model size in bits; divide by MiB for MiB."""
+    return get_num_parameters(model, count_nonzero_only) * data_width
+
+
+def get_model_macs(model, inputs):
+    """Multiply-accumulates of one forward pass on `inputs`, counted by torchprofile."""
+    from torchprofile import profile_macs
+
+    was_training = model.training
+    model.eval()
+    try:
+        return profile_macs(model, inputs)
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- files
+
+def ensure_writable(folder):
+    """Create `folder` and prove it can be written, before any long work starts."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {folder}/ ({e.strerror}): choose another folder "
+                        "with --checkpoint-dir / --plot-dir") from None
+    return folder
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file beside `path`, then os.replace: a crash or
+    Ctrl-C mid-write leaves the previous file intact."""
+    path = Path(path)
+    ensure_writable(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+MADE_BY = {"dense": "train.py", "pruned": "prune.py", "finetuned": "finetune.py"}
+
+
+def load_checkpoint(path, stages=("dense", "pruned", "finetuned")):
+    """Load a checkpoint dict with weights_only=True (it cannot run code), checking
+    that its stage is one of `stages`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: run `python {MADE_BY[stages[0]]}` first, "
+                        "or point --checkpoint at an existing file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupted, or holding "
+                        f"code that weights_only loading refuses): {reason}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "stage" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this repo (no model/stage entries)")
+    if ckpt["stage"] not in stages:
+        wanted = " or ".join(repr(s) for s in stages)
+        raise UserError(f"{path} is a {ckpt['stage']!r} checkpoint, but this script needs "
+                        f"{wanted}: run `python {MADE_BY[stages[0]]}` first")
+    return ckpt
+
+
+def save_figure(fig, path):
+    """Save a matplotlib figure atomically-enough (tight, 120 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    ensure_writable(path.parent)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def cli(main, parser, argv=None):
+    """Run `main(parser.parse_args(argv))`; a UserError ends as one line on stderr and
+    a non-zero exit, never as a traceback."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was saved from this run", file=sys.stderr)
+        sys.exit(Interrupted.exit_code)
+    except UserError as e:
+        prefix = "\ninterrupted" if isinstance(e, Interrupted) else "error"
+        print(f"{prefix}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def format_table(rows, headers):
+    """A plain-text table: rows of values under headers, columns padded."""
+    cells = [[str(h) for h in headers]] + [[str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def model_summary(model, device):
+    """One line: parameters, MACs of one 32x32 image, and fp32 size in MiB."""
+    macs = get_model_macs(model, torch.zeros(1, 3, 32, 32, device=device))
+    return (f"parameters {get_num_parameters(model):,} | MACs {macs / 1e6:,.1f} M per image | "
+            f"size {get_model_size(model) / MiB:.2f} MiB (fp32)")
