@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
 from prune import FineGrainedPruner, get_sparse_macs
 from train import check_args, fit, get_args_parser, load_data_for, resumed_args, run_args
@@ -79,6 +80,11 @@ def main(args):
                "sparse_macs": get_sparse_macs(model, inputs),
                "sparsity": 1 - nonzero / sum(m.numel() for m in pruner.masks.values()),
                "finetune_seconds": time.perf_counter() - t0}
+    export_path = ckpt_dir / "finetuned.sparse.pt"
+    metrics.update(export_with_report(model, pruner.masks, ckpt["config"], export_path,
+                                      pruned["dense_checkpoint_bytes"], args.export_dtype))
+    if args.export_dtype != "float32":
+        metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], test_acc)
     save_checkpoint({**best, "metrics": metrics, "history": history}, best_path)
     state_path.unlink(missing_ok=True)
 
@@ -94,12 +100,13 @@ def main(args):
                          "pruned": {"size_mib": sparse_mib, "test_acc": pruned["test_acc"]},
                          "finetuned": {"size_mib": sparse_mib, "test_acc": test_acc}},
                         plot_dir / "summary.png")
-    print(f"saved {best_path} and {plot}")
+    print(f"saved {best_path}, {export_path} and {plot}")
     return metrics
 
 
 def get_finetune_args_parser():
     parser = get_args_parser(__doc__, epochs=5, lr=0.05, plots=True)
+    add_export_args(parser)
     parser.add_argument("--checkpoint", default=None,
                         help="pruned model to finetune (default: <checkpoint-dir>/pruned.pt)")
     return parser

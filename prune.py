@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
 from train import add_common_args, load_data_for, run_args
 from utils import (MiB, UserError, cli, ensure_writable, evaluate, format_table, get_device,
@@ -183,6 +184,7 @@ def get_args_parser():
     add_common_args(parser, plots=True)
     parser.add_argument("--checkpoint", default=None,
                         help="model to prune (default: <checkpoint-dir>/dense.pt)")
+    add_export_args(parser)
     parser.add_argument("--sparsity", default=None, metavar="FILE.json",
                         help="JSON {layer name: sparsity} that replaces the SPARSITY dict, e.g. "
                              "checkpoints/sparsity_suggested.json (default: the dict in prune.py)")
@@ -192,7 +194,8 @@ def get_args_parser():
 def main(args):
     ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
     sparsity = load_sparsity_json(args.sparsity) if args.sparsity else SPARSITY
-    ckpt = load_checkpoint(args.checkpoint or ckpt_dir / "dense.pt", stages=("dense", "finetuned"))
+    source = Path(args.checkpoint or ckpt_dir / "dense.pt")
+    ckpt = load_checkpoint(source, stages=("dense", "finetuned"))
     device = get_device(args.device)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     check_sparsity_dict(sparsity, get_prunable_names(model))
@@ -216,7 +219,12 @@ def main(args):
     print(f"before finetuning: val {val_acc:.2f}% | test {test_acc:.2f}% "
           f"(dense: val {ckpt['metrics']['val_acc']:.2f}% | test {ckpt['metrics']['test_acc']:.2f}%)")
 
-    metrics = {"val_acc": val_acc, "test_acc": test_acc,
+    export = export_with_report(model, pruner.masks, ckpt["config"], ckpt_dir / "pruned.sparse.pt",
+                                ckpt["metrics"].get("dense_checkpoint_bytes", source.stat().st_size),
+                                args.export_dtype)
+    if args.export_dtype != "float32":
+        export["export_test_acc"] = evaluate_export(ckpt_dir / "pruned.sparse.pt", loaders["test"], test_acc)
+    metrics = {**export, "val_acc": val_acc, "test_acc": test_acc,
                "dense_val_acc": ckpt["metrics"].get("dense_val_acc", ckpt["metrics"]["val_acc"]),
                "dense_test_acc": ckpt["metrics"].get("dense_test_acc", ckpt["metrics"]["test_acc"]),
                "dense_size_bits": dense_bits,
