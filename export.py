@@ -9,8 +9,13 @@ Every other tensor of the state dict is stored as it is.
 
     from export import load_sparse_export
     model = load_sparse_export("checkpoints/finetuned.sparse.pt")  # an ordinary dense nn.Module
+
+    python export.py --width 1.0   # the export against the bound, on a randomly initialised
+                                   # model pruned with the real code (no training needed)
 """
+import argparse
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +155,28 @@ def evaluate_export(path, loader, reference_acc):
     print(f"test accuracy: {reference_acc:.2f}% in fp32, {acc:.2f}% from {path.name} "
           f"({acc - reference_acc:+.2f} points)")
     return acc
+
+
+def main():
+    from prune import SPARSITY, FineGrainedPruner
+
+    parser = argparse.ArgumentParser(description="Measure the compressed export against the "
+                                     "information bound on a random model pruned with the real code.")
+    parser.add_argument("--width", type=float, default=1.0, help="model width (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    args = parser.parse_args()
+    config = {"width": args.width, "num_classes": 10}
+    for label, sparsity in (("prune.py's SPARSITY", SPARSITY), ("90% everywhere", {n: 0.9 for n in SPARSITY})):
+        torch.manual_seed(args.seed)
+        model = build_model(**config)
+        with tempfile.TemporaryDirectory() as tmp:
+            dense = save_checkpoint({"model": model.state_dict(), "stage": "dense", "config": config},
+                                    Path(tmp) / "dense.pt").stat().st_size
+            masks = FineGrainedPruner(model, sparsity).masks
+            print(f"--- width {args.width}, {label}")
+            figures = export_with_report(model, masks, config, Path(tmp) / "pruned.sparse.pt", dense)
+            print(f"bound is {dense / figures['bound_bytes']:.2f}x smaller than dense.pt")
+
+
+if __name__ == "__main__":
+    main()

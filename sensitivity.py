@@ -14,11 +14,12 @@ plots/sensitivity.png and plots/parameters.png, and prints the suggested dict.
 import argparse
 import json
 import math
-import warnings
+import sys
 
 import torch
 from tqdm import tqdm
 
+from data import Loader
 from model import build_model_from_checkpoint
 from prune import fine_grained_prune, get_prunable_names
 from train import add_common_args, load_data_for
@@ -211,12 +212,14 @@ def main(args):
     loaders = load_data_for(ckpt, args, device)
     split = "val"
     if len(loaders["val"].images) == 0:
-        warnings.warn("the checkpoint was trained with --val-size 0: no validation split, so the "
-                      "scan uses the TEST set; the suggestion then peeks at test data")
+        print("warning: the checkpoint was trained with --val-size 0, so there is no validation "
+              "split: the scan uses the TEST set, and the suggestion is tuned on test data",
+              file=sys.stderr)
         split = "test"
     loader = loaders[split]
-    if args.scan_size is not None:
-        loader.images, loader.labels = loader.images[:args.scan_size], loader.labels[:args.scan_size]
+    if args.scan_size is not None:  # the split is in shuffled order: its first N are a random sample
+        loader = Loader(loader.images[:args.scan_size], loader.labels[:args.scan_size],
+                        loader.batch_size, device)
 
     dense_acc = evaluate(model, loader)
     print(f"dense accuracy on {len(loader.images):,} {split} images: {dense_acc:.2f}%")

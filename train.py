@@ -24,7 +24,7 @@ from utils import (Interrupted, UserError, autocast, cli, ensure_writable, evalu
 EVAL_BATCH_SIZE = 1000
 # Flags that define a run: a resumed run takes them from the saved state.
 RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
-             "warmup", "width", "train_subset", "val_size")
+             "warmup", "width", "train_subset", "val_size", "whiten")
 
 
 def add_common_args(parser, plots=False):
@@ -71,6 +71,9 @@ def get_train_args_parser():
                         help="channel multiplier; 0.25 suits a CPU (default: %(default)s)")
     parser.add_argument("--val-size", type=int, default=5000,
                         help="training images held out for validation (default: %(default)s)")
+    parser.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=True,
+                        help="start conv0 as a whitening filter bank of the training patches "
+                             "(default: %(default)s)")
     return parser
 
 
@@ -84,6 +87,21 @@ def check_args(args):
         raise UserError(f"--warmup is a fraction in [0, 1), got {args.warmup}")
     if args.train_subset is not None and args.train_subset <= 0:
         raise UserError(f"--train-subset must be a positive number of images, got {args.train_subset}")
+
+
+@torch.no_grad()
+def whitening_init(conv, loader, num_images=2000, eps=1e-2):
+    """Start the first conv as a whitening filter bank: the top principal directions
+    of the training set's 3x3 patches, scaled to unit variance, each with both signs
+    (the ReLU after it keeps one half of each). Channels beyond that stay random."""
+    images = loader.normalize(loader.images[:num_images]).float().contiguous()
+    patches = torch.nn.functional.unfold(images, conv.kernel_size).transpose(1, 2).flatten(0, 1)
+    patches = patches - patches.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    order = eigenvalues.argsort(descending=True)
+    filters = (eigenvectors[:, order] / (eigenvalues[order] + eps).sqrt()).T  # (27, 27)
+    n = min(conv.out_channels // 2, len(filters))
+    conv.weight[:2 * n] = torch.cat([filters[:n], -filters[:n]]).view(2 * n, *conv.weight.shape[1:])
 
 
 def build_optimizer(model, lr, momentum, weight_decay):
@@ -235,6 +253,8 @@ def main(args):
     datasets, split = get_datasets(args.data_dir, args.val_size, args.seed, args.train_subset)
     loaders = make_loaders(datasets, args, device)
     model = build_model(args.width).to(device, memory_format=torch.channels_last)
+    if args.whiten:
+        whitening_init(model.backbone.conv0, loaders["train"])
     print(f"model (width {args.width}): {model_summary(model, device)}")
     print(f"data: {len(datasets['train'][0]):,} train / {len(datasets['val'][0]):,} val / "
           f"{len(datasets['test'][0]):,} test images on {device}")

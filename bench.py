@@ -1,0 +1,173 @@
+"""Speed of the repo's loops against a plain PyTorch baseline, measured in one run.
+
+    python bench.py --width 0.25 --data-dir ../shared/datasets/cifar10-jpeg
+    python bench.py --width 1.0 --steps 3 --data-dir ../shared/datasets/cifar10-jpeg
+
+Same model, width, batch size and images for both sides:
+  baseline  a torchvision dataset over the uint8 images, a DataLoader applying per-image
+            PIL transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
+            Normalize), fp32, contiguous memory;
+  repo      data.Loader (whole split on the device, batched augmentation), channels_last,
+            bf16 autocast where supported, train.train_one_epoch and utils.evaluate.
+Each phase runs in a fresh process, so its peak memory (RSS on the CPU, allocated
+memory on CUDA) is its own. It also times the shared-prefix sensitivity scan against
+the naive one. Ratios are repo / baseline from this run only.
+"""
+import argparse
+import multiprocessing
+import resource
+import time
+
+import torch
+
+import data
+from model import build_model
+from utils import format_table, get_device
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def baseline_loader(images, labels, batch_size, train, workers):
+    """The textbook pipeline: a torchvision dataset, per-image PIL transforms, a DataLoader."""
+    from PIL import Image
+    from torchvision import datasets, transforms
+
+    class TensorImages(datasets.VisionDataset):
+        """Like torchvision's CIFAR10: uint8 arrays in memory, a PIL image per item."""
+
+        def __init__(self, transform):
+            super().__init__(root=None, transform=transform)
+            self.arrays = images.permute(0, 2, 3, 1).numpy()
+
+        def __len__(self):
+            return len(self.arrays)
+
+        def __getitem__(self, i):
+            return self.transform(Image.fromarray(self.arrays[i])), int(labels[i])
+
+    steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train else []
+    steps += [transforms.ToTensor(), transforms.Normalize(data.MEAN, data.STD)]
+    return torch.utils.data.DataLoader(TensorImages(transforms.Compose(steps)), batch_size=batch_size,
+                                       shuffle=train, drop_last=train, num_workers=workers,
+                                       persistent_workers=workers > 0)
+
+
+def time_phase(phase, args):
+    """Runs in a child process: -> (images per second, peak memory in MiB)."""
+    import torch.nn.functional as F
+
+    from train import build_optimizer, build_scheduler, train_one_epoch
+    from utils import evaluate
+
+    torch.manual_seed(0)
+    device = get_device(args.device)
+    datasets, _ = data.get_datasets(args.data_dir, val_size=0)
+    images, labels = datasets["train"]
+    n = args.batch_size * (args.steps + 1)  # one warm-up batch, then the timed steps
+    images, labels = images[:n], labels[:n]
+    model = build_model(args.width).to(device)
+    repo = phase.startswith("repo")
+    if repo:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, 0.05, 0.9, 5e-4)
+    if repo:
+        bs, train = args.batch_size, phase == "repo-train"
+        warm = data.Loader(images[:bs], labels[:bs], bs, device, train=train)
+        timed = data.Loader(images[bs:], labels[bs:], bs, device, train=train)
+        if train:
+            scheduler = build_scheduler(optimizer, 10 * len(timed), 0.2)
+            train_one_epoch(model, warm, optimizer, scheduler, 0.2)
+            start = time.perf_counter()
+            train_one_epoch(model, timed, optimizer, scheduler, 0.2)
+        else:
+            evaluate(model, warm)
+            start = time.perf_counter()
+            evaluate(model, timed)
+    else:
+        train = phase == "baseline-train"
+        loader = baseline_loader(images, labels, args.batch_size, train, args.workers)
+        model.train(train)
+        for i, (x, y) in enumerate(loader):
+            if i == 1:
+                start = time.perf_counter()
+            x, y = x.to(device), y.to(device)
+            if train:
+                loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            else:
+                with torch.no_grad():
+                    model(x).argmax(1).eq(y).sum().item()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return args.batch_size * args.steps / seconds, peak_memory_mib(device)
+
+
+def time_scans(args):
+    """Seconds of the shared-prefix and of the naive sensitivity scan on the same model."""
+    from sensitivity import DEFAULT_SPARSITIES, naive_sensitivity_scan, sensitivity_scan
+
+    device = get_device(args.device)
+    datasets, _ = data.get_datasets(args.data_dir, val_size=args.scan_images)
+    loader = data.Loader(*datasets["val"], 1000, device)
+    model = build_model(args.width).to(device, memory_format=torch.channels_last).eval()
+    times = {}
+    for name, scan in (("naive", naive_sensitivity_scan), ("shared", sensitivity_scan)):
+        start = time.perf_counter()
+        result = scan(model, loader, DEFAULT_SPARSITIES)
+        times[name] = time.perf_counter() - start
+        times[name + "_result"] = result
+    assert times["naive_result"] == times["shared_result"], "the scans disagree"
+    return times["naive"], times["shared"]
+
+
+def in_child(fn, *args):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--data-dir", default=data.DEFAULT_DATA_DIR, help="CIFAR-10 folder (default: %(default)s)")
+    add("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    add("--width", type=float, default=0.25, help="model width (default: %(default)s)")
+    add("--batch-size", type=int, default=512, help="(default: %(default)s)")
+    add("--steps", type=int, default=5, help="timed batches per phase, after one warm-up (default: %(default)s)")
+    add("--workers", type=int, default=2, help="baseline DataLoader workers (default: %(default)s)")
+    add("--scan-images", type=int, default=500,
+        help="validation images for the scan timing; 0 skips it (default: %(default)s)")
+    return parser
+
+
+def main(args):
+    device = get_device(args.device)
+    print(f"bench: width {args.width}, batch {args.batch_size}, {args.steps} timed steps, device {device}"
+          f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}")
+    results = {phase: in_child(time_phase, phase, args)
+               for phase in ("baseline-train", "repo-train", "baseline-eval", "repo-eval")}
+    rows = []
+    for kind in ("train", "eval"):
+        (base, base_mem), (repo, repo_mem) = results[f"baseline-{kind}"], results[f"repo-{kind}"]
+        rows.append([kind, f"{base:,.0f}", f"{repo:,.0f}", f"{repo / base:.2f}x",
+                     f"{base_mem:,.0f}", f"{repo_mem:,.0f}"])
+    print(format_table(rows, ["images/s", "baseline", "repo", "ratio", "baseline peak MiB", "repo peak MiB"]))
+    print("(repo eval includes flip test-time augmentation: two forward passes per image)")
+    out = {"train_ratio": results["repo-train"][0] / results["baseline-train"][0],
+           "eval_ratio": results["repo-eval"][0] / results["baseline-eval"][0]}
+    if args.scan_images:
+        naive, shared = in_child(time_scans, args)
+        print(f"sensitivity scan, 17 layers x 6 sparsities on {args.scan_images} images: naive {naive:.1f} s, "
+              f"shared prefix {shared:.1f} s ({naive / shared:.2f}x faster, identical accuracies)")
+        out["scan_ratio"] = naive / shared
+    return out
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
