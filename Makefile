@@ -1,6 +1,7 @@
 # make pipeline   the four scripts with their defaults (width 1.0: meant for a GPU)
-# make demo       the same chain at CPU size: width 0.25, 10 + 3 epochs (about 35 min on 2 cores)
-# make test       the tests (CPU, no internet, about a minute)
+# make demo       the same chain at CPU size (width 0.25), pruned to 80% with the scan's
+#                 suggestion: about 30 min on 2 CPU cores
+# make test       the tests (CPU, tiny generated data, no internet)
 PYTHON ?= python
 DATA_DIR ?= data/cifar10
 DATA = --data-dir $(DATA_DIR)
@@ -12,14 +13,14 @@ install:
 pipeline:
 	$(PYTHON) train.py $(DATA)
 	$(PYTHON) sensitivity.py $(DATA)
-	$(PYTHON) prune.py $(DATA) --sparsity checkpoints/sparsity_suggested.json
+	$(PYTHON) prune.py $(DATA)
 	$(PYTHON) finetune.py $(DATA)
 
 demo:
 	$(PYTHON) train.py $(DATA) --width 0.25 --epochs 10
-	$(PYTHON) sensitivity.py $(DATA) --scan-size 2000
+	$(PYTHON) sensitivity.py $(DATA) --scan-size 2000 --target-sparsity 0.8
 	$(PYTHON) prune.py $(DATA) --sparsity checkpoints/sparsity_suggested.json
-	$(PYTHON) finetune.py $(DATA) --epochs 3
+	$(PYTHON) finetune.py $(DATA)
 
 test:
 	$(PYTHON) -m pytest

@@ -13,7 +13,7 @@ import torch
 
 from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
-from prune import FineGrainedPruner, get_sparse_macs
+from prune import FineGrainedPruner, get_prunable_sparsity, get_sparse_macs
 from train import check_args, fit, get_args_parser, load_data_for, resumed_args, run_args
 from utils import (MiB, cli, ensure_writable, evaluate, get_device, get_model_size,
                    load_checkpoint, save_checkpoint, save_figure, set_seed)
@@ -72,13 +72,12 @@ def main(args):
     test_acc = evaluate(model, loaders["test"])
     inputs = torch.zeros(1, 3, 32, 32, device=device)
     sparse_bits = get_model_size(model, count_nonzero_only=True)
-    nonzero = sum(int(m.sum()) for m in pruner.masks.values())
     best_epoch = best["metrics"]["best_epoch"]
     metrics = {**pruned, "val_acc": history[best_epoch - 1]["val_acc"], "test_acc": test_acc,
                "pruned_val_acc": pruned["val_acc"], "pruned_test_acc": pruned["test_acc"],
                "best_epoch": best_epoch, "sparse_size_bits": sparse_bits,
                "sparse_macs": get_sparse_macs(model, inputs),
-               "sparsity": 1 - nonzero / sum(m.numel() for m in pruner.masks.values()),
+               "sparsity": get_prunable_sparsity(model),
                "finetune_seconds": time.perf_counter() - t0}
     export_path = ckpt_dir / "finetuned.sparse.pt"
     metrics.update(export_with_report(model, pruner.masks, ckpt["config"], export_path,

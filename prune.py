@@ -65,6 +65,12 @@ def get_prunable_names(model):
     return [name for name, p in model.named_parameters() if p.dim() > 1]
 
 
+def get_prunable_sparsity(model):
+    """Fraction of zeros over all prunable tensors (dim > 1) together."""
+    prunable = [p for p in model.parameters() if p.dim() > 1]
+    return 1.0 - sum(int(p.count_nonzero()) for p in prunable) / sum(p.numel() for p in prunable)
+
+
 def check_sparsity_dict(sparsity_dict, valid_names):
     """Refuse unknown layer names and values that are not numbers in [0, 1]."""
     if not isinstance(sparsity_dict, dict):
@@ -210,9 +216,7 @@ def main(args):
     print(layer_table(model, sparsity))
     print(size_report(model, dense_bits))
     sparse_macs = get_sparse_macs(model, inputs)
-    prunable = [p for n, p in model.named_parameters() if n in pruner.masks]
-    nonzero = sum(int(m.sum()) for m in pruner.masks.values())
-    overall = 1 - nonzero / max(1, sum(p.numel() for p in prunable))
+    overall = get_prunable_sparsity(model)
     print(f"MACs per image: dense {dense_macs / 1e6:,.1f} M, on nonzero weights "
           f"{sparse_macs / 1e6:,.1f} M ({dense_macs / sparse_macs:.2f}x fewer)")
     val_acc, test_acc = evaluate(model, loaders["val"]), evaluate(model, loaders["test"])

@@ -107,6 +107,22 @@ def suggest_sparsity(dense_acc, sparsities, accuracies, max_drop):
             for name, accs in accuracies.items()}
 
 
+def overall_sparsity(suggestion, num_parameters):
+    """Fraction of all prunable weights a suggestion removes."""
+    removed = sum(round(s * num_parameters[n]) for n, s in suggestion.items())
+    return removed / sum(num_parameters.values())
+
+
+def drop_for_target(dense_acc, sparsities, accuracies, num_parameters, target):
+    """The smallest max-drop whose suggestion removes at least `target` of the prunable
+    weights (None when even the highest scanned sparsities fall short)."""
+    for drop in sorted({max(0.0, dense_acc - a) for accs in accuracies.values() for a in accs}):
+        suggestion = suggest_sparsity(dense_acc, sparsities, accuracies, drop)
+        if overall_sparsity(suggestion, num_parameters) >= target:
+            return drop
+    return None
+
+
 def parse_sparsities(text):
     """'0.4,0.5' -> (0.4, 0.5), each checked to lie in [0, 1]."""
     try:
@@ -135,7 +151,7 @@ def plot_sensitivity(result, suggestion, path):
         ax.plot(sparsities, accs, color="0.3", lw=1.2, zorder=1)
         ax.scatter(sparsities, accs, c=["tab:green" if o else "tab:red" for o in ok], s=18, zorder=2)
         ax.axhline(dense, color="tab:blue", ls="--", lw=1, label=f"dense {dense:.1f}%")
-        ax.axhline(dense - drop, color="tab:red", ls=":", lw=1, label=f"allowed drop {drop:g}")
+        ax.axhline(dense - drop, color="tab:red", ls=":", lw=1, label=f"allowed drop {drop:.2f}")
         if suggestion[name] > 0:
             ax.axvline(suggestion[name], color="tab:green", lw=0.8, alpha=0.6)
         low = min(min(accs), dense - 2 * drop)
@@ -175,13 +191,6 @@ def plot_parameters(num_parameters, path):
     return save_figure(fig, path)
 
 
-def predicted_size(model, suggestion):
-    """Bits of the model if pruned with `suggestion` (the seed's accounting)."""
-    params = dict(model.named_parameters())
-    removed = sum(round(s * params[n].numel()) for n, s in suggestion.items())
-    return get_model_size(model) - removed * 32
-
-
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,6 +205,9 @@ def get_args_parser():
         help="accuracy points a layer may lose at its suggested sparsity. Layers are scanned "
              "one at a time, so the drops add up when all are pruned together; finetuning wins "
              "most of it back (default: %(default)s)")
+    add("--target-sparsity", type=float, default=None, metavar="FRACTION",
+        help="instead of --max-drop, use the smallest drop whose suggestion removes at least "
+             "this fraction of all prunable weights, e.g. 0.8 (default: off)")
     return parser
 
 
@@ -204,6 +216,8 @@ def main(args):
     sparsities = parse_sparsities(args.sparsities)
     if args.max_drop < 0:
         raise UserError(f"--max-drop is in accuracy points and must be >= 0, got {args.max_drop}")
+    if args.target_sparsity is not None and not 0 < args.target_sparsity <= 1:
+        raise UserError(f"--target-sparsity is a fraction in (0, 1], got {args.target_sparsity}")
     if args.scan_size is not None and args.scan_size <= 0:
         raise UserError(f"--scan-size must be a positive number of images, got {args.scan_size}")
     ckpt = load_checkpoint(args.checkpoint or ckpt_dir / "dense.pt", stages=("dense", "finetuned"))
@@ -225,11 +239,19 @@ def main(args):
     print(f"dense accuracy on {len(loader.images):,} {split} images: {dense_acc:.2f}%")
     accuracies = sensitivity_scan(model, loader, sparsities)
     params = dict(model.named_parameters())
+    num_parameters = {n: params[n].numel() for n in accuracies}
+    max_drop = args.max_drop
+    if args.target_sparsity is not None:
+        max_drop = drop_for_target(dense_acc, sparsities, accuracies, num_parameters, args.target_sparsity)
+        if max_drop is None:
+            max_drop = max(dense_acc - min(accs) for accs in accuracies.values())
+            print(f"warning: the scanned sparsities cannot reach {args.target_sparsity:.0%} overall; "
+                  "suggesting the highest of each layer (scan higher --sparsities)", file=sys.stderr)
+        print(f"--target-sparsity {args.target_sparsity:g}: allowed drop per layer {max_drop:.2f} points")
     result = {"dense_acc": dense_acc, "sparsities": list(sparsities), "accuracy": accuracies,
-              "num_parameters": {n: params[n].numel() for n in accuracies},
-              "max_drop": args.max_drop, "split": split, "num_images": len(loader.images),
-              "checkpoint": str(args.checkpoint or ckpt_dir / "dense.pt")}
-    suggestion = suggest_sparsity(dense_acc, sparsities, accuracies, args.max_drop)
+              "num_parameters": num_parameters, "max_drop": max_drop, "split": split,
+              "num_images": len(loader.images), "checkpoint": str(args.checkpoint or ckpt_dir / "dense.pt")}
+    suggestion = suggest_sparsity(dense_acc, sparsities, accuracies, max_drop)
 
     rows = [[n, f"{result['num_parameters'][n]:,}", *(f"{a:.2f}" for a in accs), f"{suggestion[n]:.2f}"]
             for n, accs in accuracies.items()]
@@ -238,8 +260,10 @@ def main(args):
     write_json(suggestion, ckpt_dir / "sparsity_suggested.json")
     plots = [plot_sensitivity(result, suggestion, plot_dir / "sensitivity.png"),
              plot_parameters(result["num_parameters"], plot_dir / "parameters.png")]
-    dense_bits, sparse_bits = get_model_size(model), predicted_size(model, suggestion)
-    print(f"\nSuggested sparsity dict (max drop {args.max_drop:g} points per layer); paste it "
+    dense_bits = get_model_size(model)
+    sparse_bits = dense_bits - 32 * sum(round(s * num_parameters[n]) for n, s in suggestion.items())
+    print(f"\nSuggested sparsity dict (max drop {max_drop:.2f} points per layer, "
+          f"{overall_sparsity(suggestion, num_parameters):.1%} of the prunable weights); paste it "
           f"into prune.py or pass --sparsity {ckpt_dir / 'sparsity_suggested.json'}:")
     print("SPARSITY = {\n" + "".join(f"    {n!r}: {s},\n" for n, s in suggestion.items()) + "}")
     print(f"It would give {sparse_bits / MiB:.2f} MiB from {dense_bits / MiB:.2f} MiB "

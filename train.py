@@ -41,7 +41,7 @@ def add_common_args(parser, plots=False):
     return parser
 
 
-def get_args_parser(description=__doc__, epochs=30, lr=0.2, plots=False):
+def get_args_parser(description=__doc__, epochs=30, lr=0.1, plots=False):
     """train.py's flags; finetune.py reuses them with its own defaults."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +49,7 @@ def get_args_parser(description=__doc__, epochs=30, lr=0.2, plots=False):
     add = parser.add_argument
     add("--seed", type=int, default=0, help="seed for init, split and augmentation (default: %(default)s)")
     add("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
-    add("--batch-size", type=int, default=512, help="training batch size (default: %(default)s)")
+    add("--batch-size", type=int, default=256, help="training batch size (default: %(default)s)")
     add("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
     add("--momentum", type=float, default=0.9, help="Nesterov momentum (default: %(default)s)")
     add("--weight-decay", type=float, default=5e-4,

@@ -2,7 +2,7 @@ import torch
 
 from data import Loader
 from model import build_model
-from sensitivity import naive_sensitivity_scan, sensitivity_scan, suggest_sparsity
+from sensitivity import drop_for_target, naive_sensitivity_scan, sensitivity_scan, suggest_sparsity
 
 
 def tiny_setup():
@@ -42,3 +42,15 @@ def test_suggestion_takes_the_highest_sparsity_within_the_drop():
     assert suggest_sparsity(90.0, sparsities, curves, max_drop=1.0) == {
         "flat": 0.9, "cliff": 0.6, "fragile": 0.0, "noisy": 0.7}
     assert suggest_sparsity(90.0, sparsities, curves, max_drop=0.0)["flat"] == 0.5
+
+
+def test_target_sparsity_picks_the_smallest_drop_that_reaches_it():
+    sparsities = [0.5, 0.9]
+    curves = {"big": [90.0, 87.0], "small": [89.0, 80.0]}  # drops: big 0 / 3, small 1 / 10
+    sizes = {"big": 900, "small": 100}
+    # drop 0 removes 450 of 1000 weights, drop 1 adds small at 0.5 (500), drop 3 big at 0.9 (860)
+    assert drop_for_target(90.0, sparsities, curves, sizes, 0.45) == 0.0
+    assert drop_for_target(90.0, sparsities, curves, sizes, 0.5) == 1.0
+    assert drop_for_target(90.0, sparsities, curves, sizes, 0.85) == 3.0
+    assert drop_for_target(90.0, sparsities, curves, sizes, 0.9) == 10.0
+    assert drop_for_target(90.0, sparsities, curves, sizes, 0.95) is None
