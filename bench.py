@@ -4,8 +4,8 @@
     python bench.py --width 1.0 --steps 3 --data-dir ../shared/datasets/cifar10-jpeg
 
 Same model, width, batch size and images for both sides:
-  baseline  a torchvision dataset over the uint8 images, a DataLoader applying per-image
-            PIL transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
+  baseline  a dataset over the uint8 images that works as torchvision's CIFAR10 does (a PIL
+            image per item), a DataLoader applying per-image torchvision transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
             Normalize), fp32, contiguous memory;
   repo      data.Loader (whole split on the device, batched augmentation), channels_last,
             bf16 autocast where supported, train.train_one_epoch and utils.evaluate.
@@ -15,6 +15,7 @@ the naive one. Ratios are repo / baseline from this run only.
 """
 import argparse
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import resource
 import time
 
@@ -31,29 +32,31 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+class TensorImages(torch.utils.data.Dataset):
+    """Like torchvision's CIFAR10 dataset: uint8 arrays in memory, a PIL image per item."""
+
+    def __init__(self, images, labels, transform):
+        self.arrays, self.labels, self.transform = images.permute(0, 2, 3, 1).numpy(), labels.tolist(), transform
+
+    def __len__(self):
+        return len(self.arrays)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.arrays[i])), self.labels[i]
+
+
 def baseline_loader(images, labels, batch_size, train, workers):
-    """The textbook pipeline: a torchvision dataset, per-image PIL transforms, a DataLoader."""
-    from PIL import Image
-    from torchvision import datasets, transforms
-
-    class TensorImages(datasets.VisionDataset):
-        """Like torchvision's CIFAR10: uint8 arrays in memory, a PIL image per item."""
-
-        def __init__(self, transform):
-            super().__init__(root=None, transform=transform)
-            self.arrays = images.permute(0, 2, 3, 1).numpy()
-
-        def __len__(self):
-            return len(self.arrays)
-
-        def __getitem__(self, i):
-            return self.transform(Image.fromarray(self.arrays[i])), int(labels[i])
+    """The textbook pipeline: per-image PIL transforms and a DataLoader with workers."""
+    from torchvision import transforms
 
     steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train else []
     steps += [transforms.ToTensor(), transforms.Normalize(data.MEAN, data.STD)]
-    return torch.utils.data.DataLoader(TensorImages(transforms.Compose(steps)), batch_size=batch_size,
-                                       shuffle=train, drop_last=train, num_workers=workers,
-                                       persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(
+        TensorImages(images, labels, transforms.Compose(steps)), batch_size=batch_size, shuffle=train,
+        drop_last=train, num_workers=workers,
+        multiprocessing_context="fork" if workers else None)  # Linux's default, as users get it
 
 
 def time_phase(phase, args):
@@ -128,8 +131,9 @@ def time_scans(args):
 
 
 def in_child(fn, *args):
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    """Run fn(*args) in a fresh process (not a daemon: the baseline's DataLoader forks workers)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def get_args_parser():
