@@ -24,8 +24,7 @@ from model import build_model_from_checkpoint
 from prune import fine_grained_prune, get_prunable_names
 from train import add_common_args, load_data_for
 from utils import (MiB, UserError, autocast, cli, ensure_writable, evaluate, format_table,
-                   get_device, get_model_size, load_checkpoint, save_checkpoint, save_figure,
-                   tta_views)
+                   get_device, get_model_size, load_checkpoint, save_figure, tta_views)
 
 DEFAULT_SPARSITIES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 

@@ -1,6 +1,5 @@
 """What a user sees: bad input ends with one line on stderr and a non-zero exit, no
 traceback, no file changed; an interrupted run resumes to the very same result."""
-import json
 import os
 import signal
 import subprocess
