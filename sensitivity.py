@@ -271,7 +271,7 @@ def main(args):
 
 
 def write_json(obj, path):
-    """JSON through save_checkpoint's atomic replace is overkill; a temp file + rename here."""
+    """Write JSON atomically: a temporary file beside `path`, then a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     tmp.replace(path)
