@@ -223,11 +223,12 @@ def main(args):
     print(f"before finetuning: val {val_acc:.2f}% | test {test_acc:.2f}% "
           f"(dense: val {ckpt['metrics']['val_acc']:.2f}% | test {ckpt['metrics']['test_acc']:.2f}%)")
 
-    export = export_with_report(model, pruner.masks, ckpt["config"], ckpt_dir / "pruned.sparse.pt",
+    export_path = ckpt_dir / "pruned.sparse.pt"
+    export = export_with_report(model, pruner.masks, ckpt["config"], export_path,
                                 ckpt["metrics"].get("dense_checkpoint_bytes", source.stat().st_size),
                                 args.export_dtype)
     if args.export_dtype != "float32":
-        export["export_test_acc"] = evaluate_export(ckpt_dir / "pruned.sparse.pt", loaders["test"], test_acc)
+        export["export_test_acc"] = evaluate_export(export_path, loaders["test"], test_acc)
     metrics = {**export, "val_acc": val_acc, "test_acc": test_acc,
                "dense_val_acc": ckpt["metrics"].get("dense_val_acc", ckpt["metrics"]["val_acc"]),
                "dense_test_acc": ckpt["metrics"].get("dense_test_acc", ckpt["metrics"]["test_acc"]),

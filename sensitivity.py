@@ -106,10 +106,14 @@ def suggest_sparsity(dense_acc, sparsities, accuracies, max_drop):
             for name, accs in accuracies.items()}
 
 
+def num_removed(suggestion, num_parameters):
+    """How many weights a suggestion zeros (fine_grained_prune's count rule)."""
+    return sum(round(s * num_parameters[n]) for n, s in suggestion.items())
+
+
 def overall_sparsity(suggestion, num_parameters):
     """Fraction of all prunable weights a suggestion removes."""
-    removed = sum(round(s * num_parameters[n]) for n, s in suggestion.items())
-    return removed / sum(num_parameters.values())
+    return num_removed(suggestion, num_parameters) / sum(num_parameters.values())
 
 
 def drop_for_target(dense_acc, sparsities, accuracies, num_parameters, target):
@@ -260,7 +264,7 @@ def main(args):
     plots = [plot_sensitivity(result, suggestion, plot_dir / "sensitivity.png"),
              plot_parameters(result["num_parameters"], plot_dir / "parameters.png")]
     dense_bits = get_model_size(model)
-    sparse_bits = dense_bits - 32 * sum(round(s * num_parameters[n]) for n, s in suggestion.items())
+    sparse_bits = dense_bits - 32 * num_removed(suggestion, num_parameters)
     print(f"\nSuggested sparsity dict (max drop {max_drop:.2f} points per layer, "
           f"{overall_sparsity(suggestion, num_parameters):.1%} of the prunable weights); paste it "
           f"into prune.py or pass --sparsity {ckpt_dir / 'sparsity_suggested.json'}:")

@@ -3,9 +3,10 @@
     python train.py                                   # width 1.0, GPU-sized
     python train.py --width 0.25 --epochs 10 --data-dir ../shared/datasets/cifar10-jpeg
 
-The recipe: SGD with Nesterov momentum, a linear warm-up then linear decay of the
-learning rate, label smoothing, weight decay on the conv/linear weights only, random
-crop + flip done on whole batches on the device, channels_last and bf16 autocast.
+The recipe: conv0 starts as a whitening filter bank of the training patches, SGD with
+Nesterov momentum, a linear warm-up then linear decay of the learning rate, label
+smoothing, weight decay on the conv/linear weights only, random crop + flip done on
+whole batches on the device, channels_last and bf16 autocast.
 A resumable state is saved after every epoch; continue an interrupted run with --resume.
 """
 import argparse
