@@ -140,13 +140,15 @@ def get_datasets(data_dir, val_size=5000, split_seed=0, train_subset=None, allow
 
 # ---------------------------------------------------------------- batches
 
-def augment(images, shifts, flips):
-    """Random 32x32 crop of the 4-pixel zero-padded image, then an optional mirror.
+def augment(images, shifts, flips, translate=2):
+    """Random translation by up to `translate` pixels (zero fill), then an optional mirror.
 
-    images (B, 3, 32, 32) uint8, shifts (B, 2) in [0, 8], flips (B,) bool -> (B, 3, 32, 32) uint8.
-    One gather does both: a mirrored crop is the crop read with its columns reversed."""
+    images (B, 3, 32, 32) uint8, shifts (B, 2) in [0, 2 * translate], flips (B,) bool
+    -> (B, 3, 32, 32) uint8. One gather does both: the shifted image is a crop of the
+    zero-padded one, and a mirrored crop is that crop read with its columns reversed."""
     b, c, h, w = images.shape
-    padded = F.pad(images, (4, 4, 4, 4))
+    t = translate
+    padded = F.pad(images, (t, t, t, t))
     rows = shifts[:, :1] + torch.arange(h, device=images.device)  # (B, H)
     cols = shifts[:, 1:] + torch.arange(w, device=images.device)  # (B, W)
     cols = torch.where(flips[:, None], cols.flip(1), cols)
@@ -161,16 +163,19 @@ class Loader:
     The whole split lives on `device` as uint8; a training loader shuffles, augments
     and drops the last partial batch, with randomness fixed by (seed, epoch)."""
 
-    def __init__(self, images, labels, batch_size, device, train=False, seed=0):
+    def __init__(self, images, labels, batch_size, device, train=False, seed=0, translate=2):
         if batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
         if train and batch_size > len(images):
             raise UserError(f"--batch-size {batch_size} is larger than the {len(images)} "
                             "training images: lower it or train on more images")
+        if translate < 0:
+            raise UserError(f"--translate must be 0 or more pixels, got {translate}")
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
+        self.translate = translate
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(MEAN, device=self.device).view(shape) * 255
         self.std = torch.tensor(STD, device=self.device).view(shape) * 255
@@ -200,11 +205,11 @@ class Loader:
             # (seed, epoch), so runs repeat exactly, also after a resume.
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(n, generator=g).to(self.device)
-            shifts = torch.randint(0, 9, (n, 2), generator=g).to(self.device)
+            shifts = torch.randint(0, 2 * self.translate + 1, (n, 2), generator=g).to(self.device)
             flips = (torch.rand(n, generator=g) < 0.5).to(self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[idx]
             if self.train:
-                images = augment(images, shifts[idx], flips[idx])
+                images = augment(images, shifts[idx], flips[idx], self.translate)
             yield self.normalize(images), self.labels[idx]

@@ -3,10 +3,11 @@
     python train.py                                   # width 1.0, GPU-sized
     python train.py --width 0.25 --epochs 10 --data-dir ../shared/datasets/cifar10-jpeg
 
-The recipe: conv0 starts as a whitening filter bank of the training patches, SGD with
-Nesterov momentum, a linear warm-up then linear decay of the learning rate, label
-smoothing, weight decay on the conv/linear weights only, random crop + flip done on
-whole batches on the device, channels_last and bf16 autocast.
+The recipe: conv0 starts as a whitening filter bank of the training patches and the
+other plain convs as partial identities; SGD with Nesterov momentum, a linear warm-up
+then linear decay of the learning rate, a larger learning rate for biases, label
+smoothing, weight decay on the conv/linear weights only; random 2-pixel translation +
+flip done on whole batches on the device; channels_last and bf16 autocast.
 A resumable state is saved after every epoch; continue an interrupted run with --resume.
 """
 import argparse
@@ -15,17 +16,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from data import DEFAULT_DATA_DIR, Loader, get_datasets
 from model import build_model
-from utils import (Interrupted, UserError, autocast, cli, ensure_writable, evaluate, get_device,
-                   load_checkpoint, model_summary, save_checkpoint, set_seed)
+from utils import (TTA, Interrupted, UserError, autocast, cli, ensure_writable, evaluate,
+                   get_device, load_checkpoint, model_summary, save_checkpoint, set_seed)
 
 EVAL_BATCH_SIZE = 1000
 # Flags that define a run: a resumed run takes them from the saved state.
-RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
-             "warmup", "width", "train_subset", "val_size", "whiten")
+RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "bias_lr_scale", "momentum", "weight_decay",
+             "label_smoothing", "warmup", "translate", "width", "train_subset", "val_size", "whiten",
+             "dirac")
 
 
 def add_common_args(parser, plots=False):
@@ -52,10 +55,17 @@ def get_args_parser(description=__doc__, epochs=30, lr=0.1, plots=False):
     add("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
     add("--batch-size", type=int, default=256, help="training batch size (default: %(default)s)")
     add("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
+    add("--bias-lr-scale", type=float, default=16.0,
+        help="biases (BatchNorm shifts, classifier bias) learn at this times --lr; the conv "
+             "weights ahead of a BatchNorm only change direction, the biases need bigger "
+             "steps (default: %(default)s)")
     add("--momentum", type=float, default=0.9, help="Nesterov momentum (default: %(default)s)")
     add("--weight-decay", type=float, default=5e-4,
         help="L2 on conv/linear weights; BatchNorm and biases get none (default: %(default)s)")
     add("--label-smoothing", type=float, default=0.2, help="(default: %(default)s)")
+    add("--translate", type=int, default=2,
+        help="random translation of training images by up to this many pixels "
+             "(default: %(default)s)")
     add("--warmup", type=float, default=0.2,
         help="fraction of steps spent warming the lr up from 0; it then decays linearly "
              "to 0 (default: %(default)s)")
@@ -75,6 +85,12 @@ def get_train_args_parser():
     parser.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=True,
                         help="start conv0 as a whitening filter bank of the training patches "
                              "(default: %(default)s)")
+    parser.add_argument("--dirac", action=argparse.BooleanOptionalAction, default=True,
+                        help="start the other plain convs as identities on their first channels "
+                             "(default: %(default)s)")
+    parser.add_argument("--val-every", type=int, default=5, metavar="N",
+                        help="validate every N epochs and after the last; each pass costs "
+                             "4 forward passes per validation image (default: %(default)s)")
     return parser
 
 
@@ -86,6 +102,10 @@ def check_args(args):
         raise UserError(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.warmup < 1:
         raise UserError(f"--warmup is a fraction in [0, 1), got {args.warmup}")
+    if args.bias_lr_scale <= 0:
+        raise UserError(f"--bias-lr-scale must be positive, got {args.bias_lr_scale}")
+    if getattr(args, "val_every", 1) <= 0:
+        raise UserError(f"--val-every must be at least 1, got {args.val_every}")
     if args.train_subset is not None and args.train_subset <= 0:
         raise UserError(f"--train-subset must be a positive number of images, got {args.train_subset}")
 
@@ -105,12 +125,25 @@ def whitening_init(conv, loader, num_images=2000, eps=1e-2):
     conv.weight[:2 * n] = torch.cat([filters[:n], -filters[:n]]).view(2 * n, *conv.weight.shape[1:])
 
 
-def build_optimizer(model, lr, momentum, weight_decay):
-    """SGD with Nesterov momentum; weight decay only on tensors with dim > 1."""
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+@torch.no_grad()
+def dirac_init(model):
+    """Start each plain conv after conv0 as the identity on its first min(in, out) channels,
+    so that the deep network begins close to a shallow one (as airbench does)."""
+    for name, conv in model.backbone.named_children():
+        if name.startswith("conv") and name != "conv0":
+            n = min(conv.in_channels, conv.out_channels)
+            nn.init.dirac_(conv.weight[:n])
+
+
+def build_optimizer(model, lr, momentum, weight_decay, bias_lr_scale=1.0):
+    """SGD with Nesterov momentum. Weight decay only on tensors with dim > 1; biases
+    (BatchNorm shifts, the classifier's bias) at bias_lr_scale * lr."""
+    named = list(model.named_parameters())
+    groups = [{"params": [p for _, p in named if p.dim() > 1], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if p.dim() <= 1 and not n.endswith("bias")],
+               "weight_decay": 0.0},
+              {"params": [p for n, p in named if p.dim() <= 1 and n.endswith("bias")],
+               "weight_decay": 0.0, "lr": lr * bias_lr_scale}]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
 
 
@@ -155,14 +188,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoch"):
+def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoch", val_every=1):
     """Train for args.epochs with a per-epoch resumable state at `state_path`.
 
-    Returns the history (one dict per epoch). `on_epoch(history)` runs after each epoch's
-    validation, before the state is saved; finetune.py keeps its best model there. A
+    Returns the history (one dict per epoch). Validation runs every `val_every` epochs
+    and after the last (val_acc is NaN in between). `on_epoch(history)` runs after each
+    epoch, before the state is saved; finetune.py keeps its best model there. A
     pruner's masks are re-applied after every step."""
     model.train()
-    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
+    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.bias_lr_scale)
     scheduler = build_scheduler(optimizer, args.epochs * len(loaders["train"]), args.warmup)
     history, start = [], 0
     if args.resume:
@@ -181,7 +215,9 @@ def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoc
             loss = train_one_epoch(model, loaders["train"], optimizer, scheduler, args.label_smoothing,
                                    pruner, desc=f"{desc} {epoch + 1}/{args.epochs}")
             seconds = time.perf_counter() - t0
-            entry = {"epoch": epoch + 1, "train_loss": loss, "val_acc": evaluate(model, loaders["val"]),
+            validate = (epoch + 1) % val_every == 0 or epoch + 1 == args.epochs
+            entry = {"epoch": epoch + 1, "train_loss": loss,
+                     "val_acc": evaluate(model, loaders["val"]) if validate else float("nan"),
                      "seconds": seconds, "images_per_s": loaders["train"].num_samples / seconds,
                      "lr": optimizer.param_groups[0]["lr"]}
             history.append(entry)
@@ -232,7 +268,8 @@ def load_data_for(ckpt, args, device, train=False):
 
 def make_loaders(datasets, args, device):
     """Training loader (shuffled, augmented) and evaluation loaders for val and test."""
-    return {"train": Loader(*datasets["train"], args.batch_size, device, train=True, seed=args.seed),
+    return {"train": Loader(*datasets["train"], args.batch_size, device, train=True, seed=args.seed,
+                            translate=args.translate),
             "val": Loader(*datasets["val"], EVAL_BATCH_SIZE, device),
             "test": Loader(*datasets["test"], EVAL_BATCH_SIZE, device)}
 
@@ -256,12 +293,14 @@ def main(args):
     model = build_model(args.width).to(device, memory_format=torch.channels_last)
     if args.whiten:
         whitening_init(model.backbone.conv0, loaders["train"])
+    if args.dirac:
+        dirac_init(model)
     print(f"model (width {args.width}): {model_summary(model, device)}")
     print(f"data: {len(datasets['train'][0]):,} train / {len(datasets['val'][0]):,} val / "
           f"{len(datasets['test'][0]):,} test images on {device}")
 
     t0 = time.perf_counter()
-    history = fit(model, loaders, args, state_path, on_epoch=print_epoch)
+    history = fit(model, loaders, args, state_path, on_epoch=print_epoch, val_every=args.val_every)
     test_acc = evaluate(model, loaders["test"])
     metrics = {"val_acc": history[-1]["val_acc"], "test_acc": test_acc,
                "train_seconds": sum(h["seconds"] for h in history),
@@ -271,7 +310,7 @@ def main(args):
                             "metrics": metrics, "history": history, "args": run_args(args),
                             "split": split}, ckpt_dir / "dense.pt")
     state_path.unlink(missing_ok=True)
-    print(f"test accuracy {test_acc:.2f}% (flip TTA) | val {metrics['val_acc']:.2f}% | "
+    print(f"test accuracy {test_acc:.2f}% ({TTA}) | val {metrics['val_acc']:.2f}% | "
           f"train time {metrics['train_seconds']:.0f} s | saved {path}")
     return metrics
 

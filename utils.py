@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 Byte = 8
 KiB = 1024 * Byte
@@ -56,9 +57,21 @@ def autocast(device):
     return nullcontext()
 
 
+def translate(x, dy, dx):
+    """(N, C, H, W) with its content moved dy pixels down and dx right (|dy|, |dx| <= 1);
+    the uncovered edge is filled by reflection."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    return padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w].contiguous(memory_format=torch.channels_last)
+
+
+TTA = "4-view TTA"  # how every accuracy in the repo is labelled
+
+
 def tta_views(x):
-    """Test-time augmentation: each (N, 3, H, W) batch is also seen mirrored."""
-    return x, x.flip(3)
+    """Test-time augmentation, 4 views of an (N, 3, H, W) batch: the image, its mirror,
+    the image moved one pixel down-right, and the mirror of it moved one pixel up-left."""
+    return x, x.flip(3), translate(x, 1, 1), translate(x, -1, -1).flip(3)
 
 
 @torch.no_grad()
@@ -69,7 +82,7 @@ def predict(model, x):
 
 @torch.no_grad()
 def evaluate(model, loader):
-    """Top-1 accuracy in % over the loader, with flip test-time augmentation."""
+    """Top-1 accuracy in % over the loader, with test-time augmentation (`tta_views`)."""
     if len(loader) == 0:
         return float("nan")
     was_training = model.training

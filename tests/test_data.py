@@ -39,14 +39,16 @@ def test_train_subset_and_val_size(image_folder):
     assert len(datasets["train"][1].unique()) > 5
 
 
-def test_augment_crops_and_flips():
+@pytest.mark.parametrize("t", [0, 2, 4])
+def test_augment_translates_and_flips(t):
     images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int32).view(2, 3, 32, 32).to(torch.uint8)
-    centered = augment(images, torch.full((2, 2), 4), torch.tensor([False, True]))
+    centered = augment(images, torch.full((2, 2), t), torch.tensor([False, True]), translate=t)
     assert torch.equal(centered[0], images[0])
     assert torch.equal(centered[1], images[1].flip(2))
-    shifted = augment(images, torch.tensor([[0, 0], [8, 8]]), torch.tensor([False, False]))
-    assert (shifted[0, :, :4, :] == 0).all() and torch.equal(shifted[0, :, 4:, 4:], images[0, :, :28, :28])
-    assert torch.equal(shifted[1, :, :28, :28], images[1, :, 4:, 4:])
+    corners = torch.tensor([[0, 0], [2 * t, 2 * t]])
+    shifted = augment(images, corners, torch.tensor([False, False]), translate=t)
+    assert (shifted[0, :, :t, :] == 0).all() and torch.equal(shifted[0, :, t:, t:], images[0, :, :32 - t, :32 - t])
+    assert torch.equal(shifted[1, :, :32 - t, :32 - t], images[1, :, t:, t:])
 
 
 def test_loader_batches_keep_shapes_dtypes_and_labels():

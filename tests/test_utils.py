@@ -6,8 +6,10 @@ import torch
 
 from model import build_model
 from prune import FineGrainedPruner, SPARSITY
-from utils import (MiB, UserError, get_device, get_model_size, get_model_sparsity, get_num_parameters,
-                   get_sparsity, load_checkpoint, save_checkpoint)
+from data import Loader
+from utils import (MiB, UserError, evaluate, get_device, get_model_size, get_model_sparsity,
+                   get_num_parameters, get_sparsity, load_checkpoint, save_checkpoint, translate,
+                   tta_views)
 
 
 def test_size_accounting_matches_the_seed():
@@ -97,3 +99,32 @@ def test_device_choice():
             get_device("cuda")
     with pytest.raises(UserError, match="unknown --device"):
         get_device("tpu")
+
+
+def test_translate_moves_content_and_reflects_the_edge():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    down_right = translate(x, 1, 1)
+    assert torch.equal(down_right[..., 1:, 1:], x[..., :-1, :-1])
+    assert torch.equal(down_right[..., 0, 1:], x[..., 1, :-1])  # row -1 reflects row 1
+    up_left = translate(x, -1, -1)
+    assert torch.equal(up_left[..., :-1, :-1], x[..., 1:, 1:])
+    assert torch.equal(translate(x, 0, 0), x)
+
+
+def test_evaluate_sums_the_tta_views_and_counts_correct_labels():
+    x = torch.randn(6, 3, 8, 8)
+    views = tta_views(x)
+    assert len(views) == 4 and all(v.shape == x.shape for v in views)
+    assert torch.equal(views[1], x.flip(3)) and torch.equal(views[3], translate(x, -1, -1).flip(3))
+
+    class MeanColour(torch.nn.Module):
+        """Logits of classes 0-2 are the channel means, which every view keeps."""
+        def forward(self, images):
+            return torch.nn.functional.pad(images.mean((2, 3)), (0, 7), value=-100.0)
+
+    images = torch.zeros(20, 3, 32, 32, dtype=torch.uint8)
+    labels = torch.arange(20) % 3
+    images[torch.arange(20), labels] = 200  # class c: channel c bright
+    loader = Loader(images, labels, batch_size=8, device="cpu")
+    assert evaluate(MeanColour(), loader) == 100.0
+    assert evaluate(MeanColour(), Loader(images, (labels + 1) % 3, 8, "cpu")) == 0.0
