@@ -66,6 +66,9 @@ BAD_INPUTS = [  # (script, extra args, what the one line must say)
     ("train", lambda t: ["--batch-size", "100000"], "larger than the"),
     ("train", lambda t: ["--val-size", "100000"], "--val-size"),
     ("finetune", lambda t: ["--epochs", "0"], "--epochs must be at least 1"),
+    ("train", lambda t: ["--translate", "-1"], "--translate must be 0 or more"),
+    ("train", lambda t: ["--val-every", "0"], "--val-every must be at least 1"),
+    ("finetune", lambda t: ["--bias-lr-scale", "0"], "--bias-lr-scale must be positive"),
     ("train", lambda t: ["--checkpoint-dir", bad_json(t, "a file") + "/sub"], "cannot write"),
     ("prune", lambda t: ["--plot-dir", bad_json(t, "a file") + "/sub"], "cannot write"),
 ]
