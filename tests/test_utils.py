@@ -4,9 +4,9 @@ import pickle
 import pytest
 import torch
 
+from data import Loader
 from model import build_model
 from prune import FineGrainedPruner, SPARSITY
-from data import Loader
 from utils import (MiB, UserError, evaluate, get_device, get_model_size, get_model_sparsity,
                    get_num_parameters, get_sparsity, load_checkpoint, save_checkpoint, translate,
                    tta_views)
