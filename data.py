@@ -161,9 +161,11 @@ class Loader:
     """Yields (B, 3, 32, 32) normalized float channels_last images and (B,) labels.
 
     The whole split lives on `device` as uint8; a training loader shuffles, augments
-    and drops the last partial batch, with randomness fixed by (seed, epoch)."""
+    and drops the last partial batch, with randomness fixed by (seed, epoch). In its
+    first `low_res_epochs` epochs it yields (B, 3, low_res, low_res) images instead."""
 
-    def __init__(self, images, labels, batch_size, device, train=False, seed=0, translate=2):
+    def __init__(self, images, labels, batch_size, device, train=False, seed=0, translate=2,
+                 low_res_epochs=0, low_res=24):
         if batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
         if train and batch_size > len(images):
@@ -175,7 +177,10 @@ class Loader:
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
-        self.translate = translate
+        if low_res_epochs < 0 or not 8 <= low_res <= images.shape[-1]:
+            raise UserError(f"--low-res-epochs must be 0 or more and --low-res between 8 and "
+                            f"{images.shape[-1]} pixels, got {low_res_epochs} and {low_res}")
+        self.translate, self.low_res_epochs, self.low_res = translate, low_res_epochs, low_res
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(MEAN, device=self.device).view(shape) * 255
         self.std = torch.tensor(STD, device=self.device).view(shape) * 255
@@ -212,4 +217,9 @@ class Loader:
             images = self.images[idx]
             if self.train:
                 images = augment(images, shifts[idx], flips[idx], self.translate)
-            yield self.normalize(images), self.labels[idx]
+            x = self.normalize(images)
+            if self.train and self.epoch < self.low_res_epochs:
+                # The early epochs learn coarse features, which small images still carry,
+                # at about (low_res / 32)**2 of the cost.
+                x = F.interpolate(x, size=self.low_res, mode="bilinear", antialias=True)
+            yield x, self.labels[idx]

@@ -105,6 +105,7 @@ def main(args):
 
 def get_finetune_args_parser():
     parser = get_args_parser(__doc__, epochs=5, lr=0.05, plots=True)
+    parser.set_defaults(batch_size=256, low_res_epochs=0)  # a few epochs at the final size
     add_export_args(parser)
     parser.add_argument("--checkpoint", default=None,
                         help="pruned model to finetune (default: <checkpoint-dir>/pruned.pt)")

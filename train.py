@@ -7,7 +7,8 @@ The recipe: conv0 starts as a whitening filter bank of the training patches and 
 other plain convs as partial identities; SGD with Nesterov momentum, a linear warm-up
 then linear decay of the learning rate, a larger learning rate for biases, label
 smoothing, weight decay on the conv/linear weights only; random 2-pixel translation +
-flip done on whole batches on the device; channels_last and bf16 autocast.
+flip done on whole batches on the device, the first epochs on images scaled down to
+24x24; channels_last and bf16 autocast.
 A resumable state is saved after every epoch; continue an interrupted run with --resume.
 """
 import argparse
@@ -27,8 +28,8 @@ from utils import (TTA, Interrupted, UserError, autocast, cli, ensure_writable, 
 EVAL_BATCH_SIZE = 1000
 # Flags that define a run: a resumed run takes them from the saved state.
 RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "bias_lr_scale", "momentum", "weight_decay",
-             "label_smoothing", "warmup", "translate", "width", "train_subset", "val_size", "whiten",
-             "dirac")
+             "label_smoothing", "warmup", "translate", "low_res_epochs", "low_res", "width",
+             "train_subset", "val_size", "whiten", "dirac")
 
 
 def add_common_args(parser, plots=False):
@@ -45,7 +46,7 @@ def add_common_args(parser, plots=False):
     return parser
 
 
-def get_args_parser(description=__doc__, epochs=30, lr=0.1, plots=False):
+def get_args_parser(description=__doc__, epochs=30, lr=0.05, plots=False):
     """train.py's flags; finetune.py reuses them with its own defaults."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +54,7 @@ def get_args_parser(description=__doc__, epochs=30, lr=0.1, plots=False):
     add = parser.add_argument
     add("--seed", type=int, default=0, help="seed for init, split and augmentation (default: %(default)s)")
     add("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
-    add("--batch-size", type=int, default=256, help="training batch size (default: %(default)s)")
+    add("--batch-size", type=int, default=128, help="training batch size (default: %(default)s)")
     add("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
     add("--bias-lr-scale", type=float, default=16.0,
         help="biases (BatchNorm shifts, classifier bias) learn at this times --lr; the conv "
@@ -66,6 +67,11 @@ def get_args_parser(description=__doc__, epochs=30, lr=0.1, plots=False):
     add("--translate", type=int, default=2,
         help="random translation of training images by up to this many pixels "
              "(default: %(default)s)")
+    add("--low-res-epochs", type=int, default=4, metavar="N",
+        help="train the first N epochs on images scaled down to --low-res pixels (at 24, "
+             "about 0.6x the time of a full-size epoch); later epochs use full size "
+             "(default: %(default)s)")
+    add("--low-res", type=int, default=24, help="side of the low-res images (default: %(default)s)")
     add("--warmup", type=float, default=0.2,
         help="fraction of steps spent warming the lr up from 0; it then decays linearly "
              "to 0 (default: %(default)s)")
@@ -269,7 +275,8 @@ def load_data_for(ckpt, args, device, train=False):
 def make_loaders(datasets, args, device):
     """Training loader (shuffled, augmented) and evaluation loaders for val and test."""
     return {"train": Loader(*datasets["train"], args.batch_size, device, train=True, seed=args.seed,
-                            translate=args.translate),
+                            translate=args.translate, low_res_epochs=args.low_res_epochs,
+                            low_res=args.low_res),
             "val": Loader(*datasets["val"], EVAL_BATCH_SIZE, device),
             "test": Loader(*datasets["test"], EVAL_BATCH_SIZE, device)}
 

@@ -70,6 +70,21 @@ def test_loader_batches_keep_shapes_dtypes_and_labels():
     assert len(evaluation) == 3 and torch.equal(torch.cat([y for _, y in evaluation]), labels)
 
 
+def test_low_res_epochs_shrink_the_training_images_then_stop():
+    # constant images survive downscaling unchanged, so the pairing with labels can be checked
+    labels = torch.arange(32) % 10
+    images = (labels * 20 + 10).view(-1, 1, 1, 1).expand(32, 3, 32, 32).to(torch.uint8).contiguous()
+    loader = Loader(images, labels, 16, "cpu", train=True, translate=0, low_res_epochs=2, low_res=20)
+    for epoch, side in [(0, 20), (1, 20), (2, 32)]:
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            assert x.shape == (16, 3, side, side) and x.is_contiguous(memory_format=torch.channels_last)
+            raw = (x * loader.std + loader.mean).round()
+            assert torch.equal(raw[:, 0, side // 2, side // 2], (y * 20 + 10).float())
+    evaluation = Loader(images, labels, 16, "cpu", low_res_epochs=2, low_res=20)
+    assert next(iter(evaluation))[0].shape[-1] == 32  # evaluation always sees full size
+
+
 def test_augmented_labels_stay_with_their_images():
     # every image is a constant equal to its label, so the pairing can be checked after augmenting
     labels = torch.arange(64) % 10
