@@ -66,13 +66,13 @@ def translate(x, dy, dx):
     return moved.contiguous(memory_format=torch.channels_last)  # the layout the convs run fastest in
 
 
-TTA = "4-view TTA"  # how every accuracy in the repo is labelled
-
-
 def tta_views(x):
     """Test-time augmentation, 4 views of an (N, 3, H, W) batch: the image, its mirror,
     the image moved one pixel down-right, and the image moved one pixel up-left then mirrored."""
     return x, x.flip(3), translate(x, 1, 1), translate(x, -1, -1).flip(3)
+
+
+TTA = f"{len(tta_views(torch.zeros(1, 3, 2, 2)))}-view TTA"  # how every accuracy is labelled
 
 
 @torch.no_grad()
