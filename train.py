@@ -1,6 +1,6 @@
 """Train the dense network on CIFAR-10 and save checkpoints/dense.pt.
 
-    python train.py                                   # width 1.0, GPU-sized
+    python train.py                                   # width 1.0, 50 epochs: GPU-sized
     python train.py --width 0.25 --epochs 10 --data-dir ../shared/datasets/cifar10-jpeg
 
 The recipe: conv0 starts as a whitening filter bank of the training patches and the
@@ -46,7 +46,7 @@ def add_common_args(parser, plots=False):
     return parser
 
 
-def get_args_parser(description=__doc__, epochs=30, lr=0.05, plots=False):
+def get_args_parser(description=__doc__, epochs=50, lr=0.05, plots=False):
     """train.py's flags; finetune.py reuses them with its own defaults."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

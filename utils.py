@@ -38,6 +38,10 @@ def get_device(name="auto"):
                         "(use --device cpu or --device auto)")
     if name != "cpu" and not name.startswith("cuda"):
         raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda")
+    if name.startswith("cuda"):
+        # Batch shapes repeat from step to step, so cuDNN's one-off timing of its conv
+        # algorithms pays for itself within the first epoch.
+        torch.backends.cudnn.benchmark = True
     return torch.device(name)
 
 
