@@ -133,9 +133,14 @@ def get_sparse_macs(model, inputs):
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: positions.__setitem__(
         name, o[0].numel() // o.shape[1]))  # output positions per sample, per filter
         for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    macs = get_model_macs(model, inputs)
+    # A plain forward pass: under torchprofile's trace the shapes would be tensors.
+    was_training = model.training
+    with torch.no_grad():
+        model.eval()(inputs)
+    model.train(was_training)
     for h in hooks:
         h.remove()
+    macs = get_model_macs(model, inputs)
     for name, m in model.named_modules():
         if name in positions:
             macs -= (m.weight.numel() - int(m.weight.count_nonzero())) * positions[name]

@@ -3,9 +3,10 @@ import torch
 import torch.nn.utils.prune as torch_prune
 
 from model import build_model
-from prune import SPARSITY, FineGrainedPruner, check_sparsity_dict, fine_grained_prune, get_prunable_names
+from prune import (SPARSITY, FineGrainedPruner, check_sparsity_dict, fine_grained_prune, get_prunable_names,
+                   get_sparse_macs)
 from train import build_optimizer
-from utils import UserError, get_sparsity
+from utils import UserError, get_model_macs, get_sparsity
 
 
 @pytest.mark.parametrize("shape", [(7,), (16, 8, 3, 3), (10, 33)])
@@ -81,3 +82,14 @@ def test_bad_dicts_are_refused_with_the_valid_names():
             check_sparsity_dict({"backbone.conv1.weight": value}, names)
     with pytest.raises(UserError):
         check_sparsity_dict([0.5], names)
+
+
+def test_sparse_macs_leave_out_the_products_with_pruned_weights():
+    model = build_model(width=0.125)  # conv1: 16x8x3x3 weights, each used at 32x32 positions
+    inputs = torch.zeros(1, 3, 32, 32)
+    dense = get_model_macs(model, inputs)
+    FineGrainedPruner(model, {"backbone.conv1.weight": 0.5, "classifier.weight": 0.5})
+    sparse = get_sparse_macs(model, inputs)
+    assert type(sparse) is int  # a plain number, storable in a checkpoint's metrics
+    assert sparse == dense - 576 * 32 * 32 - 320  # 320 of the classifier's 10x64, used once
+    assert model.training
