@@ -69,8 +69,8 @@ def get_args_parser(description=__doc__, epochs=50, lr=0.05, plots=False):
              "(default: %(default)s)")
     add("--low-res-epochs", type=int, default=4, metavar="N",
         help="train the first N epochs on images scaled down to --low-res pixels (at 24, "
-             "about 0.6x the time of a full-size epoch); later epochs use full size "
-             "(default: %(default)s)")
+             "about 0.6x the time of a full-size epoch on a CPU; on a GPU a batch-128 step "
+             "costs the same either way); later epochs use full size (default: %(default)s)")
     add("--low-res", type=int, default=24, help="side of the low-res images (default: %(default)s)")
     add("--warmup", type=float, default=0.2,
         help="fraction of steps spent warming the lr up from 0; it then decays linearly "
