@@ -140,21 +140,27 @@ def get_datasets(data_dir, val_size=5000, split_seed=0, train_subset=None, allow
 
 # ---------------------------------------------------------------- batches
 
+def reflect(index, size):
+    """Indices in [-(size - 1), 2 * (size - 1)] folded back into [0, size) as by a mirror at
+    the edges (the edge pixel itself is not repeated, as F.pad's 'reflect')."""
+    return (size - 1) - ((size - 1) - index.abs()).abs()
+
+
 def augment(images, shifts, flips, translate=2):
-    """Random translation by up to `translate` pixels (zero fill), then an optional mirror.
+    """Random translation by up to `translate` pixels (edges filled by reflection), then an
+    optional mirror.
 
     images (B, 3, 32, 32) uint8, shifts (B, 2) in [0, 2 * translate], flips (B,) bool
-    -> (B, 3, 32, 32) uint8. One gather does both: the shifted image is a crop of the
-    zero-padded one, and a mirrored crop is that crop read with its columns reversed."""
+    -> (B, 3, 32, 32) uint8. One gather does both: each output pixel reads its source
+    row and column, reflected at the edges, and a mirror reads the columns reversed.
+    Reflection, unlike zero fill, adds no black border that the network must learn to ignore."""
     b, c, h, w = images.shape
-    t = translate
-    padded = F.pad(images, (t, t, t, t))
-    rows = shifts[:, :1] + torch.arange(h, device=images.device)  # (B, H)
-    cols = shifts[:, 1:] + torch.arange(w, device=images.device)  # (B, W)
+    rows = reflect(shifts[:, :1] - translate + torch.arange(h, device=images.device), h)  # (B, H)
+    cols = reflect(shifts[:, 1:] - translate + torch.arange(w, device=images.device), w)  # (B, W)
     cols = torch.where(flips[:, None], cols.flip(1), cols)
     batch = torch.arange(b, device=images.device)[:, None, None, None]
     channel = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+    return images[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 class Loader:
@@ -171,8 +177,9 @@ class Loader:
         if train and batch_size > len(images):
             raise UserError(f"--batch-size {batch_size} is larger than the {len(images)} "
                             "training images: lower it or train on more images")
-        if translate < 0:
-            raise UserError(f"--translate must be 0 or more pixels, got {translate}")
+        if not 0 <= translate < images.shape[-1]:
+            raise UserError(f"--translate must be 0 or more pixels and less than the image side "
+                            f"({images.shape[-1]}), got {translate}")
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -211,7 +218,10 @@ class Loader:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(n, generator=g).to(self.device)
             shifts = torch.randint(0, 2 * self.translate + 1, (n, 2), generator=g).to(self.device)
-            flips = (torch.rand(n, generator=g) < 0.5).to(self.device)
+            # Each image is mirrored in every other epoch, from a random start of its own,
+            # so any two epochs in a row show both versions (airbench's alternating flip).
+            first_flip = torch.rand(n, generator=torch.Generator().manual_seed(self.seed)) < 0.5
+            flips = (first_flip ^ bool(self.epoch % 2)).to(self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[idx]

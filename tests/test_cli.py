@@ -67,6 +67,7 @@ BAD_INPUTS = [  # (script, extra args, what the one line must say)
     ("train", lambda t: ["--val-size", "100000"], "--val-size"),
     ("finetune", lambda t: ["--epochs", "0"], "--epochs must be at least 1"),
     ("train", lambda t: ["--translate", "-1"], "--translate must be 0 or more"),
+    ("train", lambda t: ["--translate", "32"], "less than the image side"),
     ("train", lambda t: ["--val-every", "0"], "--val-every must be at least 1"),
     ("train", lambda t: ["--low-res", "40"], "--low-res between 8 and 32"),
     ("finetune", lambda t: ["--low-res-epochs", "-1", "--batch-size", "16"],

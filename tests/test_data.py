@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from data import CLASSES, Loader, augment, get_datasets, load_cifar10, split_indices
+from data import CLASSES, Loader, augment, get_datasets, load_cifar10, reflect, split_indices
 from utils import UserError
 
 
@@ -47,8 +48,35 @@ def test_augment_translates_and_flips(t):
     assert torch.equal(centered[1], images[1].flip(2))
     corners = torch.tensor([[0, 0], [2 * t, 2 * t]])
     shifted = augment(images, corners, torch.tensor([False, False]), translate=t)
-    assert (shifted[0, :, :t, :] == 0).all() and torch.equal(shifted[0, :, t:, t:], images[0, :, :32 - t, :32 - t])
+    assert torch.equal(shifted[0, :, t:, t:], images[0, :, :32 - t, :32 - t])
     assert torch.equal(shifted[1, :, :32 - t, :32 - t], images[1, :, t:, t:])
+    # the uncovered edge is the image mirrored at its border: row t - 1 - i shows row i + 1
+    for i in range(t):
+        assert torch.equal(shifted[0, :, t - 1 - i, t:], images[0, :, i + 1, :32 - t])
+        assert torch.equal(shifted[1, :, 31 - t + 1 + i, :32 - t], images[1, :, 30 - i, t:])
+
+
+def test_reflect_folds_indices_like_reflect_padding():
+    padded = F.pad(torch.arange(8.0).view(1, 1, 8), (5, 5), mode="reflect").flatten()
+    assert torch.equal(reflect(torch.arange(-5, 13), 8).float(), padded)
+
+
+def test_each_image_is_mirrored_in_every_other_epoch():
+    # one bright pixel in the left half: a mirrored image has it in the right half
+    images = torch.zeros(40, 3, 32, 32, dtype=torch.uint8)
+    images[:, :, 16, 2] = 255
+    loader = Loader(images, torch.arange(40), batch_size=8, device="cpu", train=True, translate=0)
+
+    def mirrored(epoch):
+        loader.set_epoch(epoch)
+        flags = {}
+        for x, y in loader:
+            flags.update(zip(y.tolist(), (x[:, 0, 16, 29] > x[:, 0, 16, 2]).tolist()))
+        return torch.tensor([flags[i] for i in range(40)])
+
+    first, second, third = mirrored(0), mirrored(1), mirrored(2)
+    assert torch.equal(second, ~first) and torch.equal(third, first)
+    assert 0 < first.sum() < 40  # the starting side is drawn per image
 
 
 def test_loader_batches_keep_shapes_dtypes_and_labels():
