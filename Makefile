@@ -1,28 +1,35 @@
-# make pipeline   the four scripts at width 1.0 (meant for a GPU), pruned to 92% with the
-#                 scan's suggestion: about 5 min on one H200
-# make demo       the same chain at CPU size (width 0.25), pruned to 80% with the scan's
-#                 suggestion: about 30 min on 2 CPU cores
+# make pipeline   the five scripts at width 1.0 (meant for a GPU): train, scan, prune to 95%
+#                 with one global threshold, gradually during 10 finetuning epochs, then
+#                 4-bit weight sharing
+# make demo       the same chain at CPU size (width 0.25), pruned to 90%: about 1 h 45 min
+#                 on 2 CPU cores
+# make frontier   every method x sparsity from checkpoints/dense.pt (GPU-sized)
 # make test       the tests (CPU, tiny generated data, no internet)
 PYTHON ?= python
 DATA_DIR ?= data/cifar10
 DATA = --data-dir $(DATA_DIR)
+SCAN = --scan-size 2000 --sparsities 0.5,0.7,0.8,0.9,0.95,0.98,0.99
 
-.PHONY: install pipeline demo test
+.PHONY: install pipeline demo frontier test
 install:
 	$(PYTHON) -m pip install -r requirements-dev.txt
 
 pipeline:
 	$(PYTHON) train.py $(DATA)
-	$(PYTHON) sensitivity.py $(DATA) --scan-size 2000 --sparsities 0.6,0.7,0.8,0.9,0.95,0.98 \
-	    --target-sparsity 0.92
-	$(PYTHON) prune.py $(DATA) --sparsity checkpoints/sparsity_suggested.json
-	$(PYTHON) finetune.py $(DATA)
+	$(PYTHON) sensitivity.py $(DATA) $(SCAN)
+	$(PYTHON) prune.py $(DATA) --method global --target 0.95 --gradual
+	$(PYTHON) finetune.py $(DATA) --epochs 10
+	$(PYTHON) quantize.py $(DATA)
 
 demo:
 	$(PYTHON) train.py $(DATA) --width 0.25 --epochs 10
-	$(PYTHON) sensitivity.py $(DATA) --scan-size 2000 --target-sparsity 0.8
-	$(PYTHON) prune.py $(DATA) --sparsity checkpoints/sparsity_suggested.json
-	$(PYTHON) finetune.py $(DATA)
+	$(PYTHON) sensitivity.py $(DATA) $(SCAN)
+	$(PYTHON) prune.py $(DATA) --method global --target 0.9 --gradual
+	$(PYTHON) finetune.py $(DATA) --epochs 10
+	$(PYTHON) quantize.py $(DATA)
+
+frontier:
+	$(PYTHON) frontier.py $(DATA)
 
 test:
 	$(PYTHON) -m pytest

@@ -2,6 +2,7 @@
 
     python bench.py --width 0.25 --data-dir ../shared/datasets/cifar10-jpeg
     python bench.py --width 1.0 --steps 3 --data-dir ../shared/datasets/cifar10-jpeg
+    python bench.py --export --width 1.0     # the export's size against its bound (no data)
 
 Same model, width, batch size and images for both sides:
   baseline  a dataset over the uint8 images that works as torchvision's CIFAR10 does (a PIL
@@ -12,18 +13,24 @@ Same model, width, batch size and images for both sides:
 Each phase runs in a fresh process, so its peak memory (RSS on the CPU, allocated
 memory on CUDA) is its own. It also times the shared-prefix sensitivity scan against
 the naive one. Ratios are repo / baseline from this run only.
+
+--export instead measures the compressed export (export.py) against its information
+bound, on a randomly initialised model pruned with the real code: prune.py's SPARSITY,
+90% everywhere, and SPARSITY plus quantize.py's 4-bit k-means weight sharing.
 """
 import argparse
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import data
 from model import build_model
-from utils import TTA, format_table, get_device
+from utils import TTA, format_table, get_device, save_checkpoint
 
 
 def peak_memory_mib(device):
@@ -130,6 +137,32 @@ def time_scans(args):
     return times["naive"], times["shared"]
 
 
+def bench_export(width, seed=0):
+    """Prints the export's bytes against its bound for prune.py's SPARSITY, 90% everywhere,
+    and SPARSITY with quantize.py's 4-bit weight sharing; -> {label: export / bound}."""
+    from export import export_with_report
+    from prune import SPARSITY, FineGrainedPruner
+    from quantize import BITS, KMeansQuantizer
+
+    config, ratios = {"width": width, "num_classes": 10}, {}
+    cases = (("prune.py's SPARSITY", SPARSITY, False), ("90% everywhere", {n: 0.9 for n in SPARSITY}, False),
+             ("prune.py's SPARSITY, 4-bit shared weights", SPARSITY, True))
+    for label, sparsity, shared in cases:
+        torch.manual_seed(seed)
+        model = build_model(**config)
+        with tempfile.TemporaryDirectory() as tmp:
+            dense = save_checkpoint({"model": model.state_dict(), "stage": "dense", "config": config},
+                                    Path(tmp) / "dense.pt").stat().st_size
+            masks = FineGrainedPruner(model, sparsity).masks
+            if shared:
+                KMeansQuantizer(model, BITS)
+            print(f"--- width {width}, {label}")
+            figures = export_with_report(model, masks, config, Path(tmp) / "pruned.sparse.pt", dense, shared=shared)
+            print(f"bound is {dense / figures['bound_bytes']:.2f}x smaller than dense.pt")
+        ratios[label] = figures["export_bytes"] / figures["bound_bytes"]
+    return ratios
+
+
 def in_child(fn, *args):
     """Run fn(*args) in a fresh process (not a daemon: the baseline's DataLoader forks workers)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -147,10 +180,15 @@ def get_args_parser():
     add("--workers", type=int, default=2, help="baseline DataLoader workers (default: %(default)s)")
     add("--scan-images", type=int, default=500,
         help="validation images for the scan timing; 0 skips it (default: %(default)s)")
+    add("--export", action="store_true",
+        help="measure only the export against its bound, on a random model (needs no data)")
+    add("--seed", type=int, default=0, help="--export: seed of the random model (default: %(default)s)")
     return parser
 
 
 def main(args):
+    if args.export:
+        return bench_export(args.width, args.seed)
     device = get_device(args.device)
     print(f"bench: width {args.width}, batch {args.batch_size}, {args.steps} timed steps, device {device}"
           f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}")

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import UserError
+from utils import DEFAULT_DATA_DIR, UserError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")  # CIFAR-10's label order
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-DEFAULT_DATA_DIR = "data/cifar10"
+EVAL_BATCH_SIZE = 1000
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -233,3 +233,30 @@ class Loader:
                 # at about (low_res / 32)**2 of the cost.
                 x = F.interpolate(x, size=self.low_res, mode="bilinear", antialias=True)
             yield x, self.labels[idx]
+
+
+# ---------------------------------------------------------------- loaders of a run
+
+def make_loaders(datasets, args, device):
+    """Training loader (shuffled, augmented, from the run's flags) and evaluation loaders
+    for val and test."""
+    return {"train": Loader(*datasets["train"], args.batch_size, device, train=True, seed=args.seed,
+                            translate=args.translate, low_res_epochs=args.low_res_epochs,
+                            low_res=args.low_res),
+            "val": Loader(*datasets["val"], EVAL_BATCH_SIZE, device),
+            "test": Loader(*datasets["test"], EVAL_BATCH_SIZE, device)}
+
+
+def load_data_for(ckpt, args, device, train=False):
+    """Loaders over the very split the checkpoint was trained with (val/test; train too
+    when asked)."""
+    split = ckpt["split"]
+    datasets, found = get_datasets(args.data_dir, split["val_size"], split["split_seed"],
+                                   getattr(args, "train_subset", None))
+    if found["num_train_images"] != split["num_train_images"]:
+        raise UserError(f"{args.data_dir} has {found['num_train_images']} training images, but the "
+                        f"checkpoint's split was drawn from {split['num_train_images']}: pass the "
+                        "--data-dir it was trained on")
+    if train:
+        return make_loaders(datasets, args, device)
+    return {k: Loader(*datasets[k], EVAL_BATCH_SIZE, device) for k in ("val", "test")}

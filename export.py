@@ -5,26 +5,29 @@ positions of its minority mask symbol, coded as Golomb-Rice gaps: for a mask wit
 density p this costs close to numel * H(p) bits, where a plain bitmask costs
 numel bits (about 2x more at 90% sparsity). The quotient and remainder streams are
 kept apart so that both code and decode are a few vectorized numpy calls.
+With shared=True (a model whose kept weights take few distinct values, as after
+quantize.py), a tensor's kept values are its codebook (the distinct values, fp32) and
+each kept weight's index into it, ANS-coded (constriction) with the tensor's own index
+histogram: close to nonzeros * H(indices) bits.
 Every other tensor of the state dict is stored as it is.
 
     from export import load_sparse_export
     model = load_sparse_export("checkpoints/finetuned.sparse.pt")  # an ordinary dense nn.Module
 
-    python export.py --width 1.0   # the export against the bound, on a randomly initialised
-                                   # model pruned with the real code (no training needed)
+`python bench.py --export --width 1.0` measures the export against its bound on a
+randomly initialised model pruned with the real code (no training needed).
 """
-import argparse
 import math
-import tempfile
 from pathlib import Path
 
+import constriction
 import numpy as np
 import torch
 
 from model import build_model
 from utils import UserError, evaluate, get_model_size, load_checkpoint, save_checkpoint
 
-FORMAT = "fine-grained-sparse/1"
+FORMAT = "fine-grained-sparse/2"
 
 
 def rice_encode(positions):
@@ -50,42 +53,95 @@ def rice_decode(k, count, unary, remainder_bits):
 
 
 def pack_bits(bits):
-    return torch.from_numpy(np.packbits(bits))
+    return np.packbits(bits)
 
 
 def unpack_bits(packed, length):
-    return np.unpackbits(packed.numpy())[:length].astype(bool)
+    return np.unpackbits(packed)[:length].astype(bool)
 
 
-def encode_tensor(tensor, mask, dtype):
-    """A pruned tensor and its bool mask (True = kept) -> a dict of small tensors and ints."""
+def ans_encode(symbols, counts):
+    """int32 symbols in [0, len(counts)) -> uint32 words, ANS-coded with the histogram `counts`."""
+    coder = constriction.stream.stack.AnsCoder()
+    if len(symbols):
+        coder.encode_reverse(symbols, constriction.stream.model.Categorical(counts / counts.sum(), perfect=False))
+    return coder.get_compressed()
+
+
+def ans_decode(words, counts):
+    """Inverse of ans_encode: -> counts.sum() int32 symbols."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int32)
+    model = constriction.stream.model.Categorical(counts / total, perfect=False)
+    return constriction.stream.stack.AnsCoder(words).decode(model, total)
+
+
+def as_bytes(*arrays):
+    """numpy arrays -> one uint8 tensor of their bytes, and the byte length of each.
+    One stored tensor per model tensor: each costs the container (zip + pickle) a few
+    hundred bytes, as much as a small layer's whole mask."""
+    raw = [np.ascontiguousarray(a).view(np.uint8).ravel() for a in arrays]
+    return torch.from_numpy(np.concatenate(raw) if raw else np.zeros(0, np.uint8)), [len(r) for r in raw]
+
+
+def split_bytes(data, sizes, dtypes):
+    """Inverse of as_bytes: -> the numpy arrays, viewed as `dtypes`."""
+    ends = np.cumsum(sizes)
+    if ends[-1] != len(data):
+        raise ValueError(f"{len(data)} bytes where the header says {ends[-1]}")
+    raw = data.numpy()
+    return [raw[e - n:e].view(t) for n, e, t in zip(sizes, ends, dtypes)]
+
+
+def encode_tensor(tensor, mask, dtype, shared=False):
+    """A pruned tensor and its bool mask (True = kept) -> a dict of ints and one byte tensor."""
     flat_mask = mask.flatten().numpy()
     minority = bool(flat_mask.mean() <= 0.5)  # code where the rarer symbol sits
     positions = np.flatnonzero(flat_mask == minority)
     k, unary, remainder_bits = rice_encode(positions)
-    return {"shape": list(tensor.shape), "minority": minority, "count": len(positions), "k": k,
-            "unary_bits": len(unary), "unary": pack_bits(unary), "remainder": pack_bits(remainder_bits),
-            "values": tensor.flatten()[mask.flatten()].to(dtype).clone()}
+    kept = tensor.flatten()[mask.flatten()]
+    if shared:
+        codebook, indices = torch.unique(kept, return_inverse=True)
+        counts = np.bincount(indices.numpy(), minlength=len(codebook))
+        values = [codebook.float().numpy(), counts.astype(np.int64),
+                  ans_encode(indices.numpy().astype(np.int32), counts.astype(np.float64))]
+    else:
+        values = [kept.to(dtype).view(torch.int16 if dtype == torch.float16 else torch.int32).numpy()]
+    data, sizes = as_bytes(pack_bits(unary), pack_bits(remainder_bits), *values)
+    return {"minority": minority, "count": len(positions), "k": k, "unary_bits": len(unary),
+            "shared": shared, "dtype": str(dtype).removeprefix("torch."), "sizes": sizes, "data": data}
 
 
-def decode_tensor(entry):
-    """Inverse of encode_tensor: -> (float32 tensor, bool mask)."""
-    numel = math.prod(entry["shape"])
-    positions = rice_decode(entry["k"], entry["count"], unpack_bits(entry["unary"], entry["unary_bits"]),
-                            unpack_bits(entry["remainder"], entry["count"] * entry["k"]))
+def decode_tensor(entry, shape):
+    """Inverse of encode_tensor, for a tensor of `shape`: -> (float32 tensor, bool mask)."""
+    numel = math.prod(shape)
+    value_dtypes = [np.float32, np.int64, np.uint32] if entry["shared"] else [
+        np.float16 if entry["dtype"] == "float16" else np.float32]
+    unary, remainder, *values = split_bytes(entry["data"], entry["sizes"], [np.uint8, np.uint8, *value_dtypes])
+    positions = rice_decode(entry["k"], entry["count"], unpack_bits(unary, entry["unary_bits"]),
+                            unpack_bits(remainder, entry["count"] * entry["k"]))
     mask = np.full(numel, not entry["minority"])
     mask[positions] = entry["minority"]
     mask = torch.from_numpy(mask)
     tensor = torch.zeros(numel, dtype=torch.float32)
-    tensor[mask] = entry["values"].float()
-    return tensor.view(entry["shape"]), mask.view(entry["shape"])
+    if entry["shared"]:
+        codebook, counts, words = values
+        indices = ans_decode(words, counts.astype(np.float64)).astype(np.int64)
+        tensor[mask] = torch.from_numpy(codebook.copy())[torch.from_numpy(indices)]
+    else:
+        tensor[mask] = torch.from_numpy(values[0].astype(np.float32))
+    return tensor.view(shape), mask.view(shape)
 
 
-def save_sparse_export(state_dict, masks, config, path, dtype=torch.float32):
-    """Write the compressed export of a pruned state dict; returns its bytes on disk."""
+def save_sparse_export(state_dict, masks, config, path, dtype=torch.float32, shared=False):
+    """Write the compressed export of a pruned state dict; returns its bytes on disk.
+    shared: store each masked tensor's kept values as a codebook plus coded indices.
+    Names, shapes and dtypes are not stored: the loader takes them from the model
+    that `config` builds."""
     state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    sparse = {name: encode_tensor(state[name].float(), masks[name].cpu(), dtype) for name in masks}
-    dense = {name: v for name, v in state.items() if name not in masks}
+    sparse = {name: encode_tensor(state[name].float(), masks[name].cpu(), dtype, shared) for name in masks}
+    dense, _ = as_bytes(*(v.contiguous().numpy() for name, v in state.items() if name not in masks))
     save_checkpoint({"stage": "export", "model": {}, "format": FORMAT, "config": config,
                      "sparse": sparse, "dense": dense}, path)
     return Path(path).stat().st_size
@@ -97,12 +153,15 @@ def load_sparse_export(path):
     if ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a {FORMAT} export")
     try:
-        state = dict(ckpt["dense"])
-        for name, entry in ckpt["sparse"].items():
-            state[name], _ = decode_tensor(entry)
         model = build_model(**ckpt["config"])
+        template = model.state_dict()
+        state = {name: decode_tensor(entry, template[name].shape)[0] for name, entry in ckpt["sparse"].items()}
+        rest = {name: t for name, t in template.items() if name not in state}
+        arrays = split_bytes(ckpt["dense"], [t.numel() * t.element_size() for t in rest.values()],
+                             [t.numpy().dtype for t in rest.values()])
+        state.update({name: torch.from_numpy(a.copy()).view(t.shape) for (name, t), a in zip(rest.items(), arrays)})
         model.load_state_dict(state)
-    except (KeyError, ValueError, IndexError, RuntimeError, TypeError) as e:
+    except (KeyError, ValueError, IndexError, RuntimeError, TypeError, AssertionError, OverflowError) as e:
         raise UserError(f"{path} is a corrupted sparse export ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     return model.eval()
@@ -112,31 +171,47 @@ def binary_entropy(p):
     return 0.0 if p <= 0 or p >= 1 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
-def information_bound(model, masks, value_bits=32):
-    """Bits no lossless format can beat (with iid masks): kept values x value_bits, plus
-    numel x H(density) per mask, plus every other parameter at 32 bits."""
+def entropy(counts):
+    """Empirical entropy in bits per symbol of a histogram."""
+    p = counts[counts > 0].double() / counts.sum()
+    return float(-(p * p.log2()).sum()) if len(p) else 0.0
+
+
+def information_bound(model, masks, value_bits=32, shared=False):
+    """Bits no lossless format can beat (with iid masks and indices): numel x H(density)
+    per mask, plus the kept values: x value_bits each, or, shared, nonzeros x H(index
+    histogram) plus the fp32 codebook; plus every other tensor of the state dict
+    (BatchNorm's statistics too) at its own width."""
     bits = 0.0
-    for name, p in model.named_parameters():
-        if name in masks:
-            density = float(masks[name].float().mean())
-            bits += int(masks[name].sum()) * value_bits + p.numel() * binary_entropy(density)
+    for name, p in model.state_dict().items():
+        if name not in masks:
+            bits += p.numel() * p.element_size() * 8
+            continue
+        mask = masks[name].to(p.device)
+        bits += p.numel() * binary_entropy(float(mask.float().mean()))
+        kept = p.detach()[mask]
+        if shared:
+            _, counts = torch.unique(kept, return_counts=True)
+            bits += len(kept) * entropy(counts) + len(counts) * 32
         else:
-            bits += p.numel() * 32
+            bits += len(kept) * value_bits
     return bits
 
 
-def export_with_report(model, masks, config, path, dense_bytes, dtype="float32"):
+def export_with_report(model, masks, config, path, dense_bytes, dtype="float32", shared=False):
     """Write the export and print the four size figures; returns them in bytes."""
-    export_bytes = save_sparse_export(model.state_dict(), masks, config, path, getattr(torch, dtype))
+    export_bytes = save_sparse_export(model.state_dict(), masks, config, path, getattr(torch, dtype), shared)
     value_bits = torch.finfo(getattr(torch, dtype)).bits
     figures = {"dense_checkpoint_bytes": dense_bytes, "export_bytes": export_bytes,
                "sparse_size_bytes": get_model_size(model, count_nonzero_only=True) / 8,
-               "bound_bytes": information_bound(model, masks, value_bits) / 8}
+               "bound_bytes": information_bound(model, masks, value_bits, shared) / 8}
+    values = "codebook + H(indices)" if shared else f"nonzeros x {value_bits} bits"
     mib = 2 ** 20
     print(f"On disk: dense checkpoint {dense_bytes / mib:.2f} MiB -> {Path(path).name} "
-          f"{export_bytes / mib:.2f} MiB ({dense_bytes / export_bytes:.2f}x smaller, {dtype} values)\n"
+          f"{export_bytes / mib:.3f} MiB ({dense_bytes / export_bytes:.2f}x smaller, "
+          f"{'shared' if shared else dtype} values)\n"
           f"Computed: sparse size {figures['sparse_size_bytes'] / mib:.2f} MiB (nonzeros x 32 bits) | "
-          f"information bound {figures['bound_bytes'] / mib:.2f} MiB (nonzeros x {value_bits} bits "
+          f"information bound {figures['bound_bytes'] / mib:.3f} MiB ({values} "
           f"+ mask entropy); the export is {export_bytes / figures['bound_bytes']:.3f}x the bound")
     return figures
 
@@ -155,28 +230,3 @@ def evaluate_export(path, loader, reference_acc):
     print(f"test accuracy: {reference_acc:.2f}% in fp32, {acc:.2f}% from {path.name} "
           f"({acc - reference_acc:+.2f} points)")
     return acc
-
-
-def main():
-    from prune import SPARSITY, FineGrainedPruner
-
-    parser = argparse.ArgumentParser(description="Measure the compressed export against the "
-                                     "information bound on a random model pruned with the real code.")
-    parser.add_argument("--width", type=float, default=1.0, help="model width (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    args = parser.parse_args()
-    config = {"width": args.width, "num_classes": 10}
-    for label, sparsity in (("prune.py's SPARSITY", SPARSITY), ("90% everywhere", {n: 0.9 for n in SPARSITY})):
-        torch.manual_seed(args.seed)
-        model = build_model(**config)
-        with tempfile.TemporaryDirectory() as tmp:
-            dense = save_checkpoint({"model": model.state_dict(), "stage": "dense", "config": config},
-                                    Path(tmp) / "dense.pt").stat().st_size
-            masks = FineGrainedPruner(model, sparsity).masks
-            print(f"--- width {args.width}, {label}")
-            figures = export_with_report(model, masks, config, Path(tmp) / "pruned.sparse.pt", dense)
-            print(f"bound is {dense / figures['bound_bytes']:.2f}x smaller than dense.pt")
-
-
-if __name__ == "__main__":
-    main()

@@ -4,29 +4,34 @@
     python finetune.py --epochs 5 --lr 0.05 --data-dir ../shared/datasets/cifar10-jpeg
 
 The masks are re-applied after every optimizer step, so neither momentum nor weight
-decay brings a pruned weight back. The epoch with the best validation accuracy is
+decay brings a pruned weight back. When prune.py ran with --gradual, the sparsity
+rises on its schedule during the first --ramp of the steps, then the masks freeze.
+The epoch with the best validation accuracy (among those at the final sparsity) is
 kept in checkpoints/finetuned.pt; plots/summary.png compares the three stages.
 """
+import math
 import time
 
 import torch
 
+from data import load_data_for
 from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
-from prune import FineGrainedPruner, get_prunable_sparsity, get_sparse_macs
-from train import check_args, fit, get_args_parser, load_data_for, resumed_args, run_args
+from prune import FineGrainedPruner, GradualSchedule, get_prunable_sparsity, get_sparse_macs
+from train import check_args, fit, get_args_parser, resumed_args
 from utils import (MiB, cli, ensure_writable, evaluate, get_device, get_model_size,
-                   load_checkpoint, save_checkpoint, save_figure, set_seed)
+                   load_checkpoint, run_args, save_checkpoint, save_figure, set_seed)
 
 
 def plot_summary(stages, path):
-    """Two bar panels, size (MiB) and test accuracy (%), for dense / pruned / finetuned."""
+    """Two bar panels, size (MiB) and test accuracy (%), for dense / pruned / finetuned
+    (the stages given)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(stages)
-    colors = ["tab:gray", "tab:orange", "tab:green"]
+    colors = [{"dense": "tab:gray", "pruned": "tab:orange"}.get(n, "tab:green") for n in names]
     fig, (ax_size, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, label, fmt in ((ax_size, "size_mib", "model size (MiB)", "{:.2f}"),
                                 (ax_acc, "test_acc", "test accuracy (%)", "{:.2f}%")):
@@ -37,7 +42,7 @@ def plot_summary(stages, path):
         ax.margins(y=0.15)
     low = min(stages[n]["test_acc"] for n in names)
     ax_acc.set_ylim(max(0, low - 10), 100)
-    fig.suptitle("Dense vs pruned vs finetuned")
+    fig.suptitle(" vs ".join(names))
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -52,18 +57,24 @@ def main(args):
     set_seed(args.seed)
     loaders = load_data_for(ckpt, args, device, train=True)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
-    pruner = FineGrainedPruner.from_masks(ckpt["masks"], device)
+    steps_per_epoch = len(loaders["train"])
+    schedule = ckpt.get("schedule") and GradualSchedule(ckpt["schedule"], args.epochs * steps_per_epoch)
+    pruner = FineGrainedPruner.from_masks(ckpt["masks"], device, schedule)
+    # Epochs that end before a gradual ramp does are not at the final sparsity: never "best".
+    first_final_epoch = math.ceil(schedule.ramp_steps / steps_per_epoch) if schedule else 1
     pruned = ckpt["metrics"]
 
     def keep_best(history):
-        entry, best = history[-1], max(h["val_acc"] for h in history)
+        final = history[first_final_epoch - 1:]
+        entry, best = history[-1], max((h["val_acc"] for h in final), default=float("nan"))
         print(f"Epoch {entry['epoch']} Accuracy {entry['val_acc']:.2f}% / Best Accuracy: {best:.2f}%"
-              f"  ({entry['seconds']:.0f} s)")
-        if not entry["val_acc"] < best:  # NaN (no val split) keeps the latest
+              f"  ({entry['seconds']:.0f} s)" + ("" if final else " (still pruning)"))
+        if final and not entry["val_acc"] < best:  # NaN (no val split) keeps the latest
             save_checkpoint({"model": model.state_dict(), "stage": "finetuned", "config": ckpt["config"],
                              "metrics": {**pruned, "best_epoch": entry["epoch"]}, "history": history,
-                             "args": run_args(args), "split": ckpt["split"], "masks": ckpt["masks"],
-                             "sparsity": ckpt["sparsity"]}, best_path)
+                             "args": run_args(args), "split": ckpt["split"],
+                             "masks": pruner.state_dict(),
+                             "sparsity": pruner.sparsity, "schedule": ckpt.get("schedule")}, best_path)
 
     t0 = time.perf_counter()
     history = fit(model, loaders, args, state_path, on_epoch=keep_best, pruner=pruner, desc="finetune")
@@ -91,14 +102,17 @@ def main(args):
     print(f"\nOriginal model size: {dense_mib:.2f} MiB | test accuracy {pruned['dense_test_acc']:.2f}%")
     print(f"Sparse model size: {sparse_mib:.2f} MiB = {100 * sparse_mib / dense_mib:.2f}% of the original "
           f"({dense_mib / sparse_mib:.2f}x smaller)")
-    print(f"Sparse model test accuracy: {pruned['test_acc']:.2f}% before finetuning, "
-          f"{test_acc:.2f}% after (best epoch {metrics['best_epoch']} by validation)")
+    before = "pruned during finetuning" if schedule else f"{pruned['test_acc']:.2f}% before finetuning"
+    print(f"Sparse model test accuracy: {before}, {test_acc:.2f}% after "
+          f"(best epoch {metrics['best_epoch']} by validation)")
     print(f"Overall sparsity of the prunable weights: {metrics['sparsity']:.2%} | MACs per image: "
           f"{pruned['dense_macs'] / 1e6:,.1f} M dense, {metrics['sparse_macs'] / 1e6:,.1f} M on nonzero weights")
-    plot = plot_summary({"dense": {"size_mib": dense_mib, "test_acc": pruned["dense_test_acc"]},
-                         "pruned": {"size_mib": sparse_mib, "test_acc": pruned["test_acc"]},
-                         "finetuned": {"size_mib": sparse_mib, "test_acc": test_acc}},
-                        plot_dir / "summary.png")
+    stages = {"dense": {"size_mib": dense_mib, "test_acc": pruned["dense_test_acc"]},
+              "pruned": {"size_mib": sparse_mib, "test_acc": pruned["test_acc"]},
+              "finetuned": {"size_mib": sparse_mib, "test_acc": test_acc}}
+    if schedule:  # no one-shot pruned model to show
+        del stages["pruned"]
+    plot = plot_summary(stages, plot_dir / "summary.png")
     print(f"saved {best_path}, {export_path} and {plot}")
     return metrics
 

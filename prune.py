@@ -2,9 +2,18 @@
 
     python prune.py                                            # the SPARSITY dict below
     python prune.py --sparsity checkpoints/sparsity_suggested.json
+    python prune.py --method global --target 0.9               # one threshold for all layers
+    python prune.py --method global --target 0.95 --gradual    # prune while finetune.py trains
 
-Edit SPARSITY (or pass a JSON file of the same form) and run again. A layer the
-dict leaves out stays dense. Writes checkpoints/pruned.pt and plots/weights.png.
+How the sparsity is spread over the prunable tensors (--method):
+  dict     a per-layer dict: SPARSITY below, or --sparsity FILE.json (e.g. the scan's
+           suggestion). A layer the dict leaves out stays dense;
+  uniform  --target for every tensor but the --exclude ones;
+  global   one magnitude threshold over those tensors, removing round(target * total)
+           weights in all (torch.nn.utils.prune.global_unstructured's rule).
+One-shot pruning happens here. With --gradual, finetune.py raises the sparsity along
+Zhu & Gupta's cubic schedule instead, recomputing the masks every few steps.
+Writes checkpoints/pruned.pt, pruned.sparse.pt and plots/weights.png.
 """
 import argparse
 import json
@@ -13,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from data import load_data_for
 from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
-from train import add_common_args, load_data_for, run_args
-from utils import (MiB, UserError, cli, ensure_writable, evaluate, format_table, get_device,
-                   get_model_macs, get_model_size, get_sparsity, load_checkpoint, save_checkpoint,
-                   save_figure)
+from utils import (MiB, UserError, add_common_args, cli, ensure_writable, evaluate, format_table,
+                   get_device, get_model_macs, get_model_size, get_sparsity, load_checkpoint,
+                   run_args, save_checkpoint, save_figure)
 
 # The original run's per-layer sparsities (fraction of weights set to zero).
 SPARSITY = {
@@ -40,24 +49,44 @@ SPARSITY = {
     "backbone.residual_block3.conv2.weight": 0.8,
     "classifier.weight": 0.0,
 }
+METHODS = ("dict", "uniform", "global")
+# What uniform and global pruning keep dense by default: the first conv and the
+# classifier hold 0.03% of the weights and are the most fragile (see the scan).
+EXCLUDE = ("backbone.conv0.weight", "classifier.weight")
+
+
+def magnitude_mask(scores, num_zeros):
+    """Bool mask of `scores`' shape (True = kept) with its num_zeros lowest scores False.
+    Among equal scores the lower flat index goes first, so ties are deterministic."""
+    mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)  # logical (NCHW) order
+    if num_zeros > 0:
+        order = torch.argsort(scores.detach().flatten(), stable=True)
+        mask.view(-1)[order[:num_zeros]] = False
+    return mask
 
 
 def fine_grained_prune(tensor, sparsity):
     """Zero the round(sparsity * numel) smallest-magnitude elements of `tensor` in
     place; returns the bool mask of the same shape (True = kept).
 
-    The count rule is torch.nn.utils.prune.l1_unstructured's. Among equal magnitudes
-    the element with the lower flat index goes first, so ties are deterministic."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
-        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
-    num_zeros = round(sparsity * tensor.numel())
-    mask = torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)  # logical (NCHW) order
-    if num_zeros > 0:
-        order = torch.argsort(tensor.detach().abs().flatten(), stable=True)
-        mask.view(-1)[order[:num_zeros]] = False
+    The count rule is torch.nn.utils.prune.l1_unstructured's; ties go by flat index."""
+    check_fraction(sparsity)
+    mask = magnitude_mask(tensor.detach().abs(), round(sparsity * tensor.numel()))
     with torch.no_grad():
         tensor.mul_(mask)
     return mask
+
+
+def check_fraction(sparsity):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
+        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+
+
+def importance(param, mask=None):
+    """|weight|, with the weights `mask` has already pruned at -1: they go first again,
+    so a mask recomputed at the same or a higher sparsity never lets one grow back."""
+    scores = param.detach().abs()
+    return scores if mask is None else scores.masked_fill(~mask, -1.0)
 
 
 def get_prunable_names(model):
@@ -99,28 +128,158 @@ def load_sparsity_json(path):
                         f"column {e.colno})") from None
 
 
+def resolve_names(text, valid_names):
+    """'conv0,classifier' or full names, comma-separated -> full tensor names."""
+    names = []
+    for short in filter(None, (t.strip() for t in text.split(","))):
+        matches = [n for n in valid_names if n in (short, f"backbone.{short}.weight", f"{short}.weight")]
+        if not matches:
+            raise UserError(f"--exclude: no prunable tensor named {short!r}; valid names: "
+                            f"{', '.join(valid_names)}")
+        names += matches
+    return names
+
+
+def uniform_allocation(names, target):
+    """{name: target} for each named tensor."""
+    check_fraction(target)
+    return {name: target for name in names}
+
+
+@torch.no_grad()
+def global_allocation(model, names, target, masks=None):
+    """{name: sparsity} from one magnitude threshold over all the named tensors together.
+
+    round(target * total) weights go in all, the count rule of torch.nn.utils.prune.
+    global_unstructured; ties go by tensor order, then flat index, the order in which
+    fine_grained_prune breaks them within one tensor. Weights already pruned in
+    `masks` go first."""
+    check_fraction(target)
+    params, masks = dict(model.named_parameters()), masks or {}
+    scores = [importance(params[n], masks.get(n)).flatten() for n in names]
+    numels = torch.tensor([len(s) for s in scores], device=scores[0].device)
+    pruned = torch.argsort(torch.cat(scores), stable=True)[:round(target * int(numels.sum()))]
+    counts = torch.bincount(torch.bucketize(pruned, numels.cumsum(0), right=True), minlength=len(names))
+    return {n: int(c) / int(k) for n, c, k in zip(names, counts, numels)}
+
+
+def allocate(model, method, target=None, sparsity_dict=None, exclude=EXCLUDE, masks=None):
+    """-> {name: sparsity}: `sparsity_dict` as it is ('dict'), `target` for every tensor
+    but the excluded ('uniform'), or one threshold over those ('global')."""
+    if method == "dict":
+        check_sparsity_dict(sparsity_dict, get_prunable_names(model))
+        return dict(sparsity_dict)
+    if target is None or not 0 <= target <= 1:
+        raise UserError(f"--method {method} needs --target, a fraction in [0, 1] such as 0.9; got {target}")
+    names = [n for n in get_prunable_names(model) if n not in exclude]
+    if not names:
+        raise UserError("--exclude leaves no tensor to prune")
+    if method == "uniform":
+        return uniform_allocation(names, target)
+    if method == "global":
+        return global_allocation(model, names, target, masks)
+    raise UserError(f"unknown --method {method!r}: use {', '.join(METHODS)}")
+
+
+def cubic_sparsity(initial, final, step, ramp_steps):
+    """Zhu & Gupta's gradual schedule: s_t = s_f + (s_i - s_f)(1 - t/T)^3 for step t of
+    a ramp of T steps; s_f from step T on."""
+    done = min(1.0, step / ramp_steps)
+    return final + (initial - final) * (1.0 - done) ** 3
+
+
+def gradual_schedule(model, method, plan, target=None, ramp=0.5, every=10):
+    """The record of a gradual schedule (plain values, for checkpoints): each tensor of
+    `plan` ramps from its current sparsity to its planned one, or, for 'global', the
+    threshold over them ramps to `target`, over `ramp` of the finetuning steps, with
+    masks recomputed every `every` steps."""
+    params = dict(model.named_parameters())
+    initial = {n: get_sparsity(params[n]) for n in plan}
+    if method == "global":
+        now = {"all of them": global_start(initial, params)}
+        goal = {"all of them": target}
+    else:
+        now, goal = initial, plan
+    grows = [n for n in goal if goal[n] < now[n]]
+    if grows:
+        raise UserError(f"gradual pruning only raises sparsity, but {grows[0]} is already at "
+                        f"{now[grows[0]]:.3f} and its target is {goal[grows[0]]}")
+    if not 0 < ramp <= 1 or every < 1:
+        raise UserError(f"--ramp must be in (0, 1] and --prune-every at least 1 step, got {ramp} and {every}")
+    return {"method": method, "target": target, "final": dict(plan), "initial": initial,
+            "ramp": ramp, "every": every}
+
+
+def global_start(initial, params):
+    """The sparsity of the tensors in `initial` ({name: sparsity}) taken together."""
+    numel = {n: params[n].numel() for n in initial}
+    return sum(initial[n] * numel[n] for n in numel) / sum(numel.values())
+
+
+class GradualSchedule:
+    """A gradual_schedule record bound to a run of `total_steps` optimizer steps."""
+
+    def __init__(self, record, total_steps):
+        self.record = record
+        self.ramp_steps = max(1, round(record["ramp"] * total_steps))
+
+    def due(self, step):
+        """Whether the masks are recomputed after optimizer step `step` (1-based)."""
+        return step <= self.ramp_steps and (step % self.record["every"] == 0 or step == self.ramp_steps)
+
+    def sparsity_at(self, model, step, masks):
+        """{name: sparsity} at step `step`: the final plan from step ramp_steps on."""
+        r = self.record
+        if r["method"] == "global":
+            start = global_start(r["initial"], dict(model.named_parameters()))
+            return global_allocation(model, list(r["final"]),
+                                     cubic_sparsity(start, r["target"], step, self.ramp_steps), masks)
+        return {n: cubic_sparsity(r["initial"][n], s, step, self.ramp_steps) for n, s in r["final"].items()}
+
+
 class FineGrainedPruner:
     """Prunes the named tensors of a model and keeps their masks.
 
-    `.masks` maps name -> bool mask (True = kept); `.apply(model)` zeros the pruned
-    weights again, e.g. after every optimizer step while finetuning."""
+    `.masks` maps name -> bool mask (True = kept); `.apply(model, step)` zeros the pruned
+    weights again after every optimizer step while finetuning. With a GradualSchedule,
+    it also re-prunes to the schedule's sparsity when a step is due."""
 
-    def __init__(self, model, sparsity_dict):
+    def __init__(self, model, sparsity_dict, schedule=None):
         check_sparsity_dict(sparsity_dict, get_prunable_names(model))
-        self.sparsity = dict(sparsity_dict)
-        self.masks = {name: fine_grained_prune(param, sparsity_dict[name])
-                      for name, param in model.named_parameters() if name in sparsity_dict}
+        self.masks, self.sparsity, self.schedule = {}, {}, schedule
+        self.prune(model, sparsity_dict)
 
     @classmethod
-    def from_masks(cls, masks, device=None):
+    def from_masks(cls, masks, device=None, schedule=None):
         """A pruner that re-applies saved masks (from a checkpoint)."""
         pruner = cls.__new__(cls)
-        pruner.masks = {name: m.to(device) for name, m in masks.items()}
+        pruner.load_state_dict(masks, device)
         pruner.sparsity = {name: get_sparsity(m.float()) for name, m in masks.items()}
+        pruner.schedule = schedule
         return pruner
 
     @torch.no_grad()
-    def apply(self, model):
+    def prune(self, model, sparsity_dict):
+        """Prune each named tensor to exactly round(sparsity * numel) zeros, by magnitude;
+        weights this pruner pruned before stay pruned (at the same or higher sparsity)."""
+        for name, param in model.named_parameters():
+            if name in sparsity_dict:
+                check_fraction(sparsity_dict[name])
+                scores = importance(param, self.masks.get(name))
+                self.masks[name] = magnitude_mask(scores, round(sparsity_dict[name] * param.numel()))
+                self.sparsity[name] = sparsity_dict[name]
+                param.mul_(self.masks[name])
+
+    def state_dict(self):
+        return {name: mask.cpu() for name, mask in self.masks.items()}
+
+    def load_state_dict(self, masks, device=None):
+        self.masks = {name: mask.to(device) for name, mask in masks.items()}
+
+    @torch.no_grad()
+    def apply(self, model, step=None):
+        if self.schedule is not None and step is not None and self.schedule.due(step):
+            self.prune(model, self.schedule.sparsity_at(model, step, self.masks))
         for name, param in model.named_parameters():
             if name in self.masks:
                 param.mul_(self.masks[name])
@@ -189,62 +348,100 @@ def plot_weights(model, path, bins=256):
     return save_figure(fig, path)
 
 
+def add_pruning_args(parser):
+    """How to prune: the flags prune.py and frontier.py share."""
+    add = parser.add_argument
+    add("--exclude", default=",".join(EXCLUDE),
+        help="tensors that uniform and global pruning keep dense, comma-separated, full or short "
+             "names such as conv0 (default: %(default)s)")
+    add("--ramp", type=float, default=0.5,
+        help="gradual pruning: the fraction of the finetuning steps over which the sparsity "
+             "rises; the masks are frozen after it (default: %(default)s)")
+    add("--prune-every", type=int, default=10, metavar="STEPS",
+        help="gradual pruning: recompute the masks every this many optimizer steps "
+             "(default: %(default)s)")
+    return parser
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, plots=True)
-    parser.add_argument("--checkpoint", default=None,
-                        help="model to prune (default: <checkpoint-dir>/dense.pt)")
+    add = parser.add_argument
+    add("--checkpoint", default=None, help="model to prune (default: <checkpoint-dir>/dense.pt)")
+    add("--method", default="dict", choices=METHODS,
+        help="how the sparsity is spread over the layers, see above (default: %(default)s)")
+    add("--sparsity", default=None, metavar="FILE.json",
+        help="dict method: JSON {layer name: sparsity} that replaces the SPARSITY dict, e.g. "
+             "checkpoints/sparsity_suggested.json (default: the dict in prune.py)")
+    add("--target", type=float, default=None, metavar="FRACTION",
+        help="uniform and global methods: the sparsity to reach, e.g. 0.9 (default: none)")
+    add("--gradual", action="store_true",
+        help="prune gradually during finetune.py (cubic schedule) instead of all at once now")
+    add_pruning_args(parser)
     add_export_args(parser)
-    parser.add_argument("--sparsity", default=None, metavar="FILE.json",
-                        help="JSON {layer name: sparsity} that replaces the SPARSITY dict, e.g. "
-                             "checkpoints/sparsity_suggested.json (default: the dict in prune.py)")
     return parser
 
 
 def main(args):
     ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
-    sparsity = load_sparsity_json(args.sparsity) if args.sparsity else SPARSITY
+    if args.method != "dict" and args.sparsity:
+        raise UserError(f"--sparsity is a dict for --method dict; --method {args.method} takes --target")
+    if args.method == "dict" and args.target is not None:
+        raise UserError("--target is for --method uniform or global; for a dict that reaches a "
+                        "target, run `python sensitivity.py --target-sparsity FRACTION`")
     source = Path(args.checkpoint or ckpt_dir / "dense.pt")
     ckpt = load_checkpoint(source, stages=("dense", "finetuned"))
     device = get_device(args.device)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
-    check_sparsity_dict(sparsity, get_prunable_names(model))
-    loaders = load_data_for(ckpt, args, device)
+    exclude = resolve_names(args.exclude, get_prunable_names(model))
+    sparsity = load_sparsity_json(args.sparsity) if args.sparsity else SPARSITY
+    plan = allocate(model, args.method, args.target, sparsity, exclude)
+    schedule = None
+    if args.gradual:
+        schedule = gradual_schedule(model, args.method, plan, args.target, args.ramp, args.prune_every)
     inputs = torch.zeros(1, 3, 32, 32, device=device)
     dense_bits, dense_macs = get_model_size(model), get_model_macs(model, inputs)
-    dense = [n for n in get_prunable_names(model) if n not in sparsity]
+    dense = [n for n in get_prunable_names(model) if n not in plan]
     if dense:
-        print(f"not in the sparsity dict, kept dense: {', '.join(dense)}")
+        print(f"kept dense: {', '.join(dense)}")
 
-    pruner = FineGrainedPruner(model, sparsity)
-    print(layer_table(model, sparsity))
+    # Gradual: only the weights that are zero already are masked now (a no-op on a dense model).
+    pruner = FineGrainedPruner(model, schedule["initial"] if schedule else plan)
+    print(layer_table(model, plan))
     print(size_report(model, dense_bits))
     sparse_macs = get_sparse_macs(model, inputs)
     overall = get_prunable_sparsity(model)
     print(f"MACs per image: dense {dense_macs / 1e6:,.1f} M, on nonzero weights "
           f"{sparse_macs / 1e6:,.1f} M ({dense_macs / sparse_macs:.2f}x fewer)")
-    val_acc, test_acc = evaluate(model, loaders["val"]), evaluate(model, loaders["test"])
-    print(f"before finetuning: val {val_acc:.2f}% | test {test_acc:.2f}% "
-          f"(dense: val {ckpt['metrics']['val_acc']:.2f}% | test {ckpt['metrics']['test_acc']:.2f}%)")
-
-    export_path = ckpt_dir / "pruned.sparse.pt"
-    export = export_with_report(model, pruner.masks, ckpt["config"], export_path,
-                                ckpt["metrics"].get("dense_checkpoint_bytes", source.stat().st_size),
-                                args.export_dtype)
-    if args.export_dtype != "float32":
-        export["export_test_acc"] = evaluate_export(export_path, loaders["test"], test_acc)
-    metrics = {**export, "val_acc": val_acc, "test_acc": test_acc,
-               "dense_val_acc": ckpt["metrics"].get("dense_val_acc", ckpt["metrics"]["val_acc"]),
-               "dense_test_acc": ckpt["metrics"].get("dense_test_acc", ckpt["metrics"]["test_acc"]),
-               "dense_size_bits": dense_bits,
+    dense_metrics = ckpt["metrics"]
+    metrics = {"dense_val_acc": dense_metrics.get("dense_val_acc", dense_metrics["val_acc"]),
+               "dense_test_acc": dense_metrics.get("dense_test_acc", dense_metrics["test_acc"]),
+               "dense_checkpoint_bytes": dense_metrics.get("dense_checkpoint_bytes", source.stat().st_size),
+               "dense_size_bits": dense_bits, "dense_macs": dense_macs,
                "sparse_size_bits": get_model_size(model, count_nonzero_only=True),
-               "dense_macs": dense_macs, "sparse_macs": sparse_macs, "sparsity": overall}
+               "sparse_macs": sparse_macs, "sparsity": overall, "method": args.method,
+               "target": args.target, "gradual": args.gradual}
+    if schedule:
+        what = f"global {args.target}" if args.method == "global" else "the targets above"
+        print(f"gradual: finetune.py will raise the sparsity to {what} over the first "
+              f"{args.ramp:.0%} of its steps, recomputing the masks every {args.prune_every} steps")
+        metrics.update(val_acc=dense_metrics["val_acc"], test_acc=dense_metrics["test_acc"])
+    else:
+        loaders = load_data_for(ckpt, args, device)
+        metrics.update(val_acc=evaluate(model, loaders["val"]), test_acc=evaluate(model, loaders["test"]))
+        print(f"before finetuning: val {metrics['val_acc']:.2f}% | test {metrics['test_acc']:.2f}% "
+              f"(dense: val {metrics['dense_val_acc']:.2f}% | test {metrics['dense_test_acc']:.2f}%)")
+        export_path = ckpt_dir / "pruned.sparse.pt"
+        metrics.update(export_with_report(model, pruner.masks, ckpt["config"], export_path,
+                                          metrics["dense_checkpoint_bytes"], args.export_dtype))
+        if args.export_dtype != "float32":
+            metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], metrics["test_acc"])
     plot = plot_weights(model, plot_dir / "weights.png")
     path = save_checkpoint({"model": model.state_dict(), "stage": "pruned", "config": ckpt["config"],
                             "metrics": metrics, "history": ckpt["history"], "args": run_args(args),
-                            "split": ckpt["split"], "masks": {k: v.cpu() for k, v in pruner.masks.items()},
-                            "sparsity": pruner.sparsity}, ckpt_dir / "pruned.pt")
+                            "split": ckpt["split"], "masks": pruner.state_dict(),
+                            "sparsity": plan, "schedule": schedule}, ckpt_dir / "pruned.pt")
     print(f"overall sparsity of the prunable weights {overall:.2%} | saved {path} and {plot}")
     return metrics
 

@@ -12,19 +12,17 @@ Writes checkpoints/sensitivity.json, checkpoints/sparsity_suggested.json,
 plots/sensitivity.png and plots/parameters.png, and prints the suggested dict.
 """
 import argparse
-import json
 import math
 import sys
 
 import torch
-from tqdm import tqdm
 
-from data import Loader
+from data import Loader, load_data_for
 from model import build_model_from_checkpoint
 from prune import fine_grained_prune, get_prunable_names
-from train import add_common_args, load_data_for
-from utils import (MiB, UserError, autocast, cli, ensure_writable, evaluate, format_table,
-                   get_device, get_model_size, load_checkpoint, save_figure, tta_views)
+from utils import (MiB, UserError, add_common_args, autocast, cli, ensure_writable, evaluate,
+                   format_table, get_device, get_model_size, load_checkpoint, progress, save_figure,
+                   tta_views, write_json)
 
 DEFAULT_SPARSITIES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -43,7 +41,7 @@ def run_stages(stages, x):
 
 
 @torch.no_grad()
-def sensitivity_scan(model, loader, sparsities=DEFAULT_SPARSITIES, names=None, progress=True):
+def sensitivity_scan(model, loader, sparsities=DEFAULT_SPARSITIES, names=None, show_progress=True):
     """{layer name: [val accuracy in % for each sparsity]}, pruning one layer at a time.
 
     Equal to naive_sensitivity_scan, but the unchanged prefix of the network runs once
@@ -53,7 +51,7 @@ def sensitivity_scan(model, loader, sparsities=DEFAULT_SPARSITIES, names=None, p
     stages, params = model.stages(), dict(model.named_parameters())
     names = list(names or get_prunable_names(model))
     accuracies = {}
-    bar = tqdm(total=len(names) * len(loader), desc="scan", disable=not progress, dynamic_ncols=True)
+    bar = progress(total=len(names) * len(loader), desc="scan", disable=None if show_progress else True)
     for name in names:
         param, k = params[name], stage_of(name, model)
         original = param.detach().clone()
@@ -272,14 +270,6 @@ def main(args):
     print(f"It would give {sparse_bits / MiB:.2f} MiB from {dense_bits / MiB:.2f} MiB "
           f"({dense_bits / sparse_bits:.2f}x smaller) | plots: {', '.join(map(str, plots))}")
     return {"dense_acc": dense_acc, "suggestion": suggestion, "sparse_size_bits": sparse_bits}
-
-
-def write_json(obj, path):
-    """Write JSON atomically: a temporary file beside `path`, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-    return path
 
 
 if __name__ == "__main__":

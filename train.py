@@ -20,30 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data import DEFAULT_DATA_DIR, Loader, get_datasets
+from data import get_datasets, make_loaders
 from model import build_model
-from utils import (TTA, Interrupted, UserError, autocast, cli, ensure_writable, evaluate,
-                   get_device, load_checkpoint, model_summary, save_checkpoint, set_seed)
+from utils import (TTA, Interrupted, UserError, add_common_args, autocast, cli, ensure_writable,
+                   evaluate, get_device, load_checkpoint, model_summary, progress, run_args,
+                   save_checkpoint, set_seed)
 
-EVAL_BATCH_SIZE = 1000
 # Flags that define a run: a resumed run takes them from the saved state.
 RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "bias_lr_scale", "momentum", "weight_decay",
              "label_smoothing", "warmup", "translate", "low_res_epochs", "low_res", "width",
              "train_subset", "val_size", "whiten", "dirac")
-
-
-def add_common_args(parser, plots=False):
-    """The flags every script shares: where data, checkpoints and plots live, and the device."""
-    add = parser.add_argument
-    add("--data-dir", default=DEFAULT_DATA_DIR,
-        help="CIFAR-10 folder: cifar-10-batches-py, train/<class>/ image folders, or empty "
-             "to download into (default: %(default)s)")
-    add("--checkpoint-dir", default="checkpoints",
-        help="where checkpoints are read and written (default: %(default)s)")
-    if plots:
-        add("--plot-dir", default="plots", help="where plots go (default: %(default)s)")
-    add("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    return parser
 
 
 def get_args_parser(description=__doc__, epochs=50, lr=0.05, plots=False):
@@ -165,10 +151,12 @@ def build_scheduler(optimizer, total_steps, warmup):
 
 def train_one_epoch(model, loader, optimizer, scheduler, label_smoothing=0.0, pruner=None, desc="train"):
     """One pass over `loader`; returns the mean training loss. With a pruner, its
-    masks are re-applied after every optimizer step, so pruned weights stay zero."""
+    apply(model, step) runs after every optimizer step: masks are re-applied, so pruned
+    weights stay zero (a gradual pruner recomputes them when the step is due; a
+    quantizer re-centres its codebooks)."""
     model.train()
     total_loss = torch.zeros((), device=loader.device)  # summed on the device: no sync per step
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for x, y in progress(loader, desc=desc, leave=False):
         with autocast(loader.device):
             loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -176,7 +164,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, label_smoothing=0.0, pr
         optimizer.step()
         scheduler.step()
         if pruner is not None:
-            pruner.apply(model)
+            pruner.apply(model, step=scheduler.last_epoch)
         total_loss += loss.detach()
     return total_loss.item() / max(1, len(loader))
 
@@ -200,7 +188,10 @@ def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoc
     Returns the history (one dict per epoch). Validation runs every `val_every` epochs
     and after the last (val_acc is NaN in between). `on_epoch(history)` runs after each
     epoch, before the state is saved; finetune.py keeps its best model there. A
-    pruner's masks are re-applied after every step."""
+    pruner (anything with apply(model, step), state_dict() and load_state_dict(state,
+    device): a FineGrainedPruner, a KMeansQuantizer) runs after every step, and its
+    state is saved with the run's.
+    With state_path None, no state is saved."""
     model.train()
     optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.bias_lr_scale)
     scheduler = build_scheduler(optimizer, args.epochs * len(loaders["train"]), args.warmup)
@@ -211,6 +202,8 @@ def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoc
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+        if pruner is not None:  # a gradual pruner's masks, or a quantizer's codebooks, change
+            pruner.load_state_dict(state["pruner"], loaders["train"].device)
         history, start = state["history"], state["epoch"]
         print(f"resuming after epoch {start} of {args.epochs} from {state_path}")
     epoch = start
@@ -229,19 +222,19 @@ def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoc
             history.append(entry)
             if on_epoch is not None:
                 on_epoch(history)
-            save_checkpoint({"stage": "resume", "model": model.state_dict(), "epoch": epoch + 1,
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "rng": rng_state(), "history": history, "args": run_args(args)}, state_path)
+            if state_path is not None:
+                save_checkpoint({"stage": "resume", "model": model.state_dict(), "epoch": epoch + 1,
+                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "rng": rng_state(), "history": history, "args": run_args(args),
+                                 "pruner": pruner and pruner.state_dict()},
+                                state_path)
     except KeyboardInterrupt:
+        if state_path is None:
+            raise  # the caller knows what was saved
         where = (f"{state_path} (after epoch {epoch}); continue with the same command plus --resume"
                  if epoch > 0 else "none yet: no epoch finished")
         raise Interrupted(f"during epoch {epoch + 1}. Last good state: {where}") from None
     return history
-
-
-def run_args(args):
-    """The flags that define a run, as a plain dict for checkpoints."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
 def resumed_args(args, state_path):
@@ -255,30 +248,6 @@ def resumed_args(args, state_path):
         if flag in saved:
             setattr(args, flag, saved[flag])
     return args
-
-
-def load_data_for(ckpt, args, device, train=False):
-    """Loaders over the very split the checkpoint was trained with (val/test; train too
-    when asked)."""
-    split = ckpt["split"]
-    datasets, found = get_datasets(args.data_dir, split["val_size"], split["split_seed"],
-                                   getattr(args, "train_subset", None))
-    if found["num_train_images"] != split["num_train_images"]:
-        raise UserError(f"{args.data_dir} has {found['num_train_images']} training images, but the "
-                        f"checkpoint's split was drawn from {split['num_train_images']}: pass the "
-                        "--data-dir it was trained on")
-    if train:
-        return make_loaders(datasets, args, device)
-    return {k: Loader(*datasets[k], EVAL_BATCH_SIZE, device) for k in ("val", "test")}
-
-
-def make_loaders(datasets, args, device):
-    """Training loader (shuffled, augmented) and evaluation loaders for val and test."""
-    return {"train": Loader(*datasets["train"], args.batch_size, device, train=True, seed=args.seed,
-                            translate=args.translate, low_res_epochs=args.low_res_epochs,
-                            low_res=args.low_res),
-            "val": Loader(*datasets["val"], EVAL_BATCH_SIZE, device),
-            "test": Loader(*datasets["test"], EVAL_BATCH_SIZE, device)}
 
 
 def print_epoch(history):

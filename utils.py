@@ -1,8 +1,10 @@
 """Shared helpers: device, seeding, autocast, evaluation, size/sparsity/MACs
 accounting (named as in the MIT HAN Lab EfficientML course), atomic checkpoints
 and the command-line wrapper that turns user errors into one line on stderr."""
+import json
 import os
 import random
+import secrets
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 Byte = 8
 KiB = 1024 * Byte
 MiB = 1024 * KiB  # in bits, as in the course: get_model_size(model) / MiB
+DEFAULT_DATA_DIR = "data/cifar10"
 
 
 class UserError(Exception):
@@ -155,22 +158,34 @@ def ensure_writable(folder):
     return folder
 
 
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file beside `path`, then os.replace: a crash or
-    Ctrl-C mid-write leaves the previous file intact."""
+def atomic_write(path, write):
+    """Call write(binary file) on a new file beside `path`, then os.replace it into place:
+    a crash or Ctrl-C mid-write leaves the previous file intact. The file gets the
+    permissions the umask gives any new file (mkstemp's would be 0600)."""
     path = Path(path)
     ensure_writable(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(obj, path):
+    """torch.save, written atomically (`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_json(obj, path):
+    """JSON with an indent of 2, written atomically (`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 MADE_BY = {"dense": "train.py", "pruned": "prune.py", "finetuned": "finetune.py"}
@@ -222,6 +237,33 @@ def cli(main, parser, argv=None):
         prefix = "\ninterrupted" if isinstance(e, Interrupted) else "error"
         print(f"{prefix}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+
+
+def add_common_args(parser, plots=False):
+    """The flags every script shares: where data, checkpoints and plots live, and the device."""
+    add = parser.add_argument
+    add("--data-dir", default=DEFAULT_DATA_DIR,
+        help="CIFAR-10 folder: cifar-10-batches-py, train/<class>/ image folders, or empty "
+             "to download into (default: %(default)s)")
+    add("--checkpoint-dir", default="checkpoints",
+        help="where checkpoints are read and written (default: %(default)s)")
+    if plots:
+        add("--plot-dir", default="plots", help="where plots go (default: %(default)s)")
+    add("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    return parser
+
+
+def run_args(args):
+    """The flags of a run, as a plain dict for checkpoints."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar that stays off when stderr is not a terminal (a log file gets the
+    per-epoch lines, not thousands of carriage-return updates)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, **{"disable": None, "dynamic_ncols": True, **kwargs})
 
 
 def format_table(rows, headers):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import finetune
+import frontier
 import prune
 import sensitivity
 import train
@@ -75,10 +76,21 @@ BAD_INPUTS = [  # (script, extra args, what the one line must say)
     ("finetune", lambda t: ["--bias-lr-scale", "0"], "--bias-lr-scale must be positive"),
     ("train", lambda t: ["--checkpoint-dir", bad_json(t, "a file") + "/sub"], "cannot write"),
     ("prune", lambda t: ["--plot-dir", bad_json(t, "a file") + "/sub"], "cannot write"),
+    ("prune", lambda t: ["--method", "global", "--target", "1.5"], "a fraction in [0, 1]"),
+    ("prune", lambda t: ["--method", "uniform", "--target", "0.5", "--gradual", "--ramp", "0"],
+     "--ramp must be in (0, 1]"),
+    ("prune", lambda t: ["--method", "global", "--target", "0.5", "--gradual", "--prune-every", "0"],
+     "--prune-every at least 1"),
+    ("prune", lambda t: ["--method", "uniform", "--target", "0.5", "--sparsity", bad_json(t, "{}")],
+     "--method uniform takes --target"),
+    ("frontier", lambda t: ["--sparsities", "0.5,2"], "numbers in [0, 1]"),
+    ("frontier", lambda t: ["--methods", "random"], "choose from uniform, global, scan"),
+    ("frontier", lambda t: ["--checkpoint", "{ckpt}/pruned.pt"], "'pruned' checkpoint"),
 ]
 PARSERS = {"train": (train, train.get_train_args_parser), "prune": (prune, prune.get_args_parser),
            "sensitivity": (sensitivity, sensitivity.get_args_parser),
-           "finetune": (finetune, finetune.get_finetune_args_parser)}
+           "finetune": (finetune, finetune.get_finetune_args_parser),
+           "frontier": (frontier, frontier.get_args_parser)}
 
 
 @pytest.mark.parametrize("script,extra,message", BAD_INPUTS, ids=[f"{s}:{m}" for s, _, m in BAD_INPUTS])

@@ -22,7 +22,7 @@ def test_shared_prefix_scan_equals_naive_scan_and_restores_the_model():
                 m.bias.normal_(0, 0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sparsities = (0.3, 0.6, 0.95)
-    fast = sensitivity_scan(model, loader, sparsities, progress=False)
+    fast = sensitivity_scan(model, loader, sparsities, show_progress=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # bit for bit
     naive = naive_sensitivity_scan(model, loader, sparsities)

@@ -1,5 +1,8 @@
 import io
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +131,12 @@ def test_evaluate_sums_the_tta_views_and_counts_correct_labels():
     loader = Loader(images, labels, batch_size=8, device="cpu")
     assert evaluate(MeanColour(), loader) == 100.0
     assert evaluate(MeanColour(), Loader(images, (labels + 1) % 3, 8, "cpu")) == 0.0
+
+
+def test_progress_bars_stay_out_of_a_log_file(tmp_path):
+    code = "from utils import progress\nfor _ in progress(range(500), desc='x'): pass\nprint('done')"
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:  # stdout and stderr to a file, as `python train.py > log.txt 2>&1`
+        subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                       stdout=f, stderr=subprocess.STDOUT, check=True, timeout=60)
+    assert log.read_text() == "done\n"

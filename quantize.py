@@ -1,0 +1,200 @@
+"""K-means weight sharing of the pruned, finetuned model (Deep Compression's second step).
+
+    python quantize.py                       # BITS below: 4 bits for every layer
+    python quantize.py --bits 3 --epochs 3 --data-dir ../shared/datasets/cifar10-jpeg
+
+Per prunable tensor, the nonzero weights are clustered into at most 2^bits shared
+values by k-means (centroids start linearly spaced over the weights' range, which
+Deep Compression found best, then Lloyd's iterations); pruned weights stay exactly
+zero and are no cluster. Then the codebook trains: a few epochs through train.fit
+where, after every optimizer step, each centroid becomes the mean of its members and
+each member takes its centroid's value (the labels stay fixed), as in the course.
+Writes checkpoints/quantized.pt and quantized.sparse.pt, where each kept weight is an
+ANS-coded index into its tensor's codebook.
+"""
+from collections import namedtuple
+
+import torch
+
+from data import load_data_for
+from export import export_with_report
+from model import build_model_from_checkpoint
+from prune import SPARSITY, get_prunable_names
+from train import check_args, fit, get_args_parser, resumed_args
+from utils import (MiB, UserError, cli, ensure_writable, evaluate, get_device, get_model_size,
+                   load_checkpoint, run_args, save_checkpoint, set_seed)
+
+# Bits per shared value, layer by layer: at most 2**bits distinct nonzero weights.
+BITS = {name: 4 for name in SPARSITY}
+
+Codebook = namedtuple("Codebook", ["centroids", "labels"])  # (K,) float32, (numel,) int64, -1 = pruned
+
+
+def assign(values, centroids):
+    """Index of the nearest centroid for each value (1-D: cut at the midpoints)."""
+    order = centroids.argsort()
+    ordered = centroids[order]
+    return order[torch.bucketize(values, (ordered[1:] + ordered[:-1]) / 2)]
+
+
+@torch.no_grad()
+def k_means_quantize(tensor, bitwidth=4, codebook=None, iterations=50):
+    """Replace `tensor`'s nonzero entries, in place, by at most 2**bitwidth shared values;
+    returns the Codebook. Zeros stay zero (label -1). With a codebook given, only
+    writes its centroids into the tensor."""
+    if codebook is None:
+        flat = tensor.detach().flatten()
+        kept = flat != 0
+        values = flat[kept].float()
+        k = min(2 ** bitwidth, len(values))
+        centroids = torch.linspace(float(values.min()), float(values.max()), k, device=values.device) \
+            if k else values.new_zeros(0)
+        for _ in range(iterations):  # Lloyd's: assign to the nearest, move to the mean
+            labels = assign(values, centroids)
+            sums = torch.zeros_like(centroids).index_add_(0, labels, values)
+            counts = torch.bincount(labels, minlength=k)
+            moved = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+            if torch.equal(moved, centroids):
+                break
+            centroids = moved
+        full = torch.full_like(flat, -1, dtype=torch.long)
+        full[kept] = assign(values, centroids)
+        codebook = Codebook(centroids, full.view(tensor.shape))
+    shared = codebook.centroids[codebook.labels.clamp(min=0)]
+    tensor.copy_(torch.where(codebook.labels >= 0, shared, torch.zeros_like(shared)).to(tensor.dtype))
+    return codebook
+
+
+@torch.no_grad()
+def update_codebook(tensor, codebook):
+    """Each centroid becomes the mean of its members' current values (empty ones stay)."""
+    labels = codebook.labels.flatten()
+    kept = labels >= 0
+    values = tensor.detach().flatten()[kept].float()
+    k = len(codebook.centroids)
+    sums = torch.zeros_like(codebook.centroids).index_add_(0, labels[kept], values)
+    counts = torch.bincount(labels[kept], minlength=k)
+    codebook.centroids.copy_(torch.where(counts > 0, sums / counts.clamp(min=1), codebook.centroids))
+
+
+class KMeansQuantizer:
+    """k-means weight sharing of the named tensors, keeping one Codebook per tensor.
+
+    `.apply(model, step)` after every optimizer step re-centres each centroid on its
+    members and sets every member to it, so the model keeps at most 2**bits distinct
+    nonzero values per tensor and its zeros (fit's after-step hook, as a pruner's)."""
+
+    def __init__(self, model, bits):
+        params = dict(model.named_parameters())
+        self.bits = dict(bits)
+        self.codebooks = {name: k_means_quantize(params[name], b) for name, b in bits.items()}
+
+    @torch.no_grad()
+    def apply(self, model, step=None):
+        for name, param in model.named_parameters():
+            if name in self.codebooks:
+                if step is not None:  # during training: the codebook learns
+                    update_codebook(param, self.codebooks[name])
+                k_means_quantize(param, codebook=self.codebooks[name])
+
+    def state_dict(self):
+        return {name: {"centroids": c.centroids.cpu(), "labels": c.labels.cpu()} for name, c in self.codebooks.items()}
+
+    def load_state_dict(self, state, device=None):
+        self.codebooks = {name: Codebook(s["centroids"].to(device), s["labels"].to(device))
+                          for name, s in state.items()}
+
+
+def check_bits(bits, valid_names):
+    """Refuse unknown layer names and bit widths that are not integers in 1..8."""
+    unknown = [name for name in bits if name not in valid_names]
+    if unknown:
+        raise UserError(f"unknown layer(s) {unknown} in BITS; valid names: {', '.join(valid_names)}")
+    for name, b in bits.items():
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
+            raise UserError(f"bits of {name} must be an integer from 1 to 8, got {b!r}")
+
+
+def quantized_size(model, bits):
+    """Model size in bits with weight sharing: each nonzero shared weight as a bits-wide
+    index, plus each codebook at 32 bits a value, plus every other parameter at 32 bits."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name in bits:
+            distinct = len(torch.unique(p.detach()[p.detach() != 0]))
+            total += int(p.count_nonzero()) * bits[name] + distinct * 32
+        else:
+            total += p.numel() * 32
+    return total
+
+
+def get_quantize_args_parser():
+    parser = get_args_parser(__doc__, epochs=3, lr=0.01, plots=False)
+    parser.set_defaults(batch_size=256)
+    add = parser.add_argument
+    add("--checkpoint", default=None, help="model to quantize (default: <checkpoint-dir>/finetuned.pt)")
+    add("--bits", type=int, default=None, metavar="N",
+        help="bits per shared value for every prunable layer, 1 to 8 (default: the BITS dict, 4 bits)")
+    return parser
+
+
+def main(args):
+    ckpt_dir = ensure_writable(args.checkpoint_dir)
+    state_path = ckpt_dir / "quantized.resume.pt"
+    args = resumed_args(args, state_path)
+    if args.bits is not None and not 1 <= args.bits <= 8:
+        raise UserError(f"--bits must be an integer from 1 to 8, got {args.bits}")
+    check_args(args)
+    source = args.checkpoint or ckpt_dir / "finetuned.pt"
+    ckpt = load_checkpoint(source, stages=("finetuned", "pruned"))
+    device = get_device(args.device)
+    set_seed(args.seed)
+    model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
+    names = get_prunable_names(model)
+    bits = {name: args.bits for name in names} if args.bits is not None else BITS
+    check_bits(bits, names)
+    loaders = load_data_for(ckpt, args, device, train=True)
+    metrics = ckpt["metrics"]
+    before = {"val_acc": evaluate(model, loaders["val"]), "test_acc": evaluate(model, loaders["test"])}
+
+    quantizer = KMeansQuantizer(model, bits)
+    shared = {"val_acc": evaluate(model, loaders["val"]), "test_acc": evaluate(model, loaders["test"])}
+    print(f"k-means weight sharing ({min(bits.values())} to {max(bits.values())} bits): val "
+          f"{before['val_acc']:.2f}% -> {shared['val_acc']:.2f}% | test {before['test_acc']:.2f}% -> "
+          f"{shared['test_acc']:.2f}%; now training the codebooks for {args.epochs} epochs")
+
+    def report(history):
+        entry = history[-1]
+        print(f"epoch {entry['epoch']} | loss {entry['train_loss']:.4f} | val {entry['val_acc']:.2f}% "
+              f"({entry['seconds']:.0f} s)")
+
+    history = fit(model, loaders, args, state_path, on_epoch=report, pruner=quantizer, desc="codebook")
+    trained = {"val_acc": history[-1]["val_acc"], "test_acc": evaluate(model, loaders["test"])}
+    masks = {name: c.labels >= 0 for name, c in quantizer.codebooks.items()}
+    dense_bits, q_bits = metrics["dense_size_bits"], quantized_size(model, bits)
+    export_path = ckpt_dir / "quantized.sparse.pt"
+    figures = export_with_report(model, masks, ckpt["config"], export_path, metrics["dense_checkpoint_bytes"],
+                                 shared=True)
+    out = {**metrics, **figures, "val_acc": trained["val_acc"], "test_acc": trained["test_acc"],
+           "finetuned_val_acc": before["val_acc"], "finetuned_test_acc": before["test_acc"],
+           "shared_val_acc": shared["val_acc"], "shared_test_acc": shared["test_acc"],
+           "quantized_size_bits": q_bits, "bits": bits}
+    path = save_checkpoint({"model": model.state_dict(), "stage": "quantized", "config": ckpt["config"],
+                            "metrics": out, "history": history, "args": run_args(args), "split": ckpt["split"],
+                            "masks": {k: v.cpu() for k, v in masks.items()}, "sparsity": ckpt["sparsity"],
+                            "bits": bits}, ckpt_dir / "quantized.pt")
+    state_path.unlink(missing_ok=True)
+    mib = 2 ** 20
+    print(f"\nOriginal model size: {dense_bits / MiB:.2f} MiB | test accuracy {metrics['dense_test_acc']:.2f}%")
+    print(f"Quantized model size: {q_bits / MiB:.3f} MiB (nonzeros x bits + codebooks + the rest) = "
+          f"{dense_bits / q_bits:.1f}x smaller")
+    print(f"On disk: dense.pt {metrics['dense_checkpoint_bytes'] / mib:.2f} MiB -> {export_path.name} "
+          f"{figures['export_bytes'] / mib:.3f} MiB ({metrics['dense_checkpoint_bytes'] / figures['export_bytes']:.1f}x)")
+    print(f"Test accuracy: dense {metrics['dense_test_acc']:.2f}% | finetuned {before['test_acc']:.2f}% | "
+          f"shared {shared['test_acc']:.2f}% | codebook trained {trained['test_acc']:.2f}% "
+          f"(val {trained['val_acc']:.2f}%) | saved {path}")
+    return out
+
+
+if __name__ == "__main__":
+    cli(main, get_quantize_args_parser())

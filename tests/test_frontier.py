@@ -1,0 +1,127 @@
+"""Gradual pruning through the scripts (prune.py --gradual, finetune.py, --resume) and
+frontier.py's sweep, on tiny generated data."""
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+import finetune
+import frontier
+import prune
+import sensitivity
+import train
+from utils import Interrupted, UserError, load_checkpoint
+
+TRAIN = ["--width", "0.0625", "--val-size", "40", "--batch-size", "32", "--epochs", "1"]
+
+
+def parse(parser, folder, ckpt_dir, *extra):
+    return parser.parse_args(["--data-dir", str(folder), "--checkpoint-dir", str(ckpt_dir), "--device", "cpu",
+                              *(["--plot-dir", str(ckpt_dir.parent / "plots")]
+                                if "--plot-dir" in parser.format_help() else []), *extra])
+
+
+@pytest.fixture(scope="module")
+def dense(image_folder, tmp_path_factory):
+    """A tiny dense checkpoint and its scan, in a folder of their own."""
+    ckpt = tmp_path_factory.mktemp("frontier") / "ckpt"
+    train.main(parse(train.get_train_args_parser(), image_folder, ckpt, *TRAIN))
+    sensitivity.main(parse(sensitivity.get_args_parser(), image_folder, ckpt, "--sparsities", "0.5,0.9"))
+    return ckpt
+
+
+def finetune_args(folder, ckpt_dir, *extra):
+    # 160 training images / 32 = 5 steps an epoch; 3 epochs = 15 steps, the ramp 60% = 9 of them
+    return parse(finetune.get_finetune_args_parser(), folder, ckpt_dir, "--epochs", "3", "--batch-size", "32",
+                 "--checkpoint", str(ckpt_dir.parent / "pruned.pt"), *extra)
+
+
+def test_gradual_chain_reaches_the_exact_global_count_and_resumes_identically(dense, image_folder, tmp_path,
+                                                                             monkeypatch):
+    prune.main(parse(prune.get_args_parser(), image_folder, tmp_path / "p", "--checkpoint", str(dense / "dense.pt"),
+                     "--method", "global", "--target", "0.8", "--gradual", "--ramp", "0.6", "--prune-every", "2"))
+    pruned = load_checkpoint(tmp_path / "p" / "pruned.pt", stages=("pruned",))
+    assert pruned["schedule"]["method"] == "global" and pruned["schedule"]["target"] == 0.8
+    assert all(m.all() for m in pruned["masks"].values())  # nothing is pruned before finetuning
+    (tmp_path / "pruned.pt").write_bytes((tmp_path / "p" / "pruned.pt").read_bytes())
+
+    once = finetune.main(finetune_args(image_folder, tmp_path / "once"))
+    a = load_checkpoint(tmp_path / "once" / "finetuned.pt", stages=("finetuned",))
+    names = list(pruned["schedule"]["final"])
+    total = sum(a["model"][n].numel() for n in names)
+    assert sum(int((~a["masks"][n]).sum()) for n in names) == round(0.8 * total)
+    assert sum(int((a["model"][n] == 0).sum()) for n in names) >= round(0.8 * total)
+    assert once["best_epoch"] >= 2  # epoch 1 ends before the ramp does: never the best
+
+    # The same run, stopped in its second epoch, then resumed.
+    calls = []
+    real = train.train_one_epoch
+
+    def stop_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", stop_in_epoch_two)
+    with pytest.raises(Interrupted):
+        finetune.main(finetune_args(image_folder, tmp_path / "parts"))
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    resumed = finetune.main(finetune_args(image_folder, tmp_path / "parts", "--resume"))
+    b = load_checkpoint(tmp_path / "parts" / "finetuned.pt", stages=("finetuned",))
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert all(torch.equal(a["masks"][n], b["masks"][n]) for n in a["masks"])
+    assert resumed["test_acc"] == once["test_acc"]
+
+
+def test_prune_flags_are_checked(dense, image_folder, tmp_path):
+    parser = prune.get_args_parser()
+    with pytest.raises(UserError, match="needs --target"):
+        prune.main(parse(parser, image_folder, dense, "--method", "uniform"))
+    with pytest.raises(UserError, match="sensitivity.py --target-sparsity"):
+        prune.main(parse(parser, image_folder, dense, "--target", "0.9"))
+    with pytest.raises(UserError, match="no prunable tensor named 'conv9'"):
+        prune.main(parse(parser, image_folder, dense, "--method", "global", "--target", "0.9", "--exclude", "conv9"))
+
+
+def sweep_args(image_folder, dense, out, *extra):
+    return parse(frontier.get_args_parser(), image_folder, dense, "--epochs", "1", "--batch-size", "32",
+                 "--out", str(out), *extra)
+
+
+def test_frontier_sweeps_resumes_and_plots(dense, image_folder, tmp_path):
+    out = tmp_path / "frontier.json"
+    sweep = frontier.main(sweep_args(image_folder, dense, out, "--methods", "global,uniform-gradual",
+                                     "--sparsities", "0.9"))
+    points = json.loads(out.read_text())["points"]
+    assert [(p["method"], p["target"]) for p in points] == [("global", 0.9), ("uniform-gradual", 0.9)]
+    for p in points:
+        assert set(p) >= {"method", "target", "sparsity", "val_acc", "test_acc", "export_bytes", "sparse_macs"}
+        assert p["sparsity"] == pytest.approx(0.9, abs=0.01) and p["export_bytes"] > 0
+        assert p["sparse_macs"] < sweep["dense"]["macs"]
+    plot = dense.parent / "plots" / "frontier.png"
+    assert plot.stat().st_size > 20_000
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out, dense / "dense.pt"):  # the umask's permissions, as any file the user creates
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+    # A rerun with one more sparsity and the scan method runs only the new points.
+    again = frontier.main(sweep_args(image_folder, dense, out, "--methods", "global,uniform-gradual,scan",
+                                     "--sparsities", "0.5,0.9"))
+    keys = [(p["method"], p["target"]) for p in again["points"]]
+    assert again["points"][:2] == points and len(keys) == len(set(keys))
+    assert set(keys[2:]) >= {("global", 0.5), ("uniform-gradual", 0.5), ("scan", 0.5)}
+    with pytest.raises(UserError, match="another dense model or finetuning budget"):
+        frontier.main(sweep_args(image_folder, dense, out, "--lr", "0.01"))
+
+
+def test_frontier_refuses_bad_methods_and_a_missing_scan(dense, image_folder, tmp_path):
+    with pytest.raises(UserError, match="unknown"):
+        frontier.main(sweep_args(image_folder, dense, tmp_path / "f.json", "--methods", "global,magic"))
+    with pytest.raises(UserError, match="run `python sensitivity.py"):
+        frontier.main(sweep_args(image_folder, dense, tmp_path / "f.json", "--methods", "scan",
+                                 "--scan", str(tmp_path / "none.json")))
