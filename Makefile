@@ -1,8 +1,7 @@
 # make pipeline   the five scripts at width 1.0 (meant for a GPU): train, scan, prune to 95%
 #                 with one global threshold, gradually during 10 finetuning epochs, then
 #                 4-bit weight sharing
-# make demo       the same chain at CPU size (width 0.25), pruned to 90%: about 1 h 45 min
-#                 on 2 CPU cores
+# make demo       the same chain at CPU size (width 0.25)
 # make frontier   every method x sparsity from checkpoints/dense.pt (GPU-sized)
 # make test       the tests (CPU, tiny generated data, no internet)
 PYTHON ?= python
@@ -24,7 +23,7 @@ pipeline:
 demo:
 	$(PYTHON) train.py $(DATA) --width 0.25 --epochs 10
 	$(PYTHON) sensitivity.py $(DATA) $(SCAN)
-	$(PYTHON) prune.py $(DATA) --method global --target 0.9 --gradual
+	$(PYTHON) prune.py $(DATA) --method global --target 0.95 --gradual
 	$(PYTHON) finetune.py $(DATA) --epochs 10
 	$(PYTHON) quantize.py $(DATA)
 

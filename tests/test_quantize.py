@@ -20,28 +20,37 @@ def distinct_nonzero(tensor):
     return len(torch.unique(tensor[tensor != 0]))
 
 
+@pytest.mark.parametrize("init", ["exact", "linear"])
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_k_means_keeps_zeros_and_at_most_2_to_the_bits_values(bits):
+def test_k_means_keeps_zeros_and_at_most_2_to_the_bits_values(bits, init):
     torch.manual_seed(bits)
     w = torch.randn(64, 32, 3, 3)
     mask = prune.fine_grained_prune(w, 0.7)
     before = w.clone()
-    codebook = k_means_quantize(w, bits)
+    codebook = k_means_quantize(w, bits, init=init)
     assert distinct_nonzero(w) <= 2 ** bits and len(codebook.centroids) == 2 ** bits
     assert (w[~mask] == 0).all() and (codebook.labels[~mask] == -1).all()
     assert torch.equal(w[mask], codebook.centroids[codebook.labels[mask]])
-    # Lloyd's iterations converged: each weight sits at its nearest centroid
+    # k-means converged: each weight sits at its nearest centroid
     nearest = (before[mask][:, None] - codebook.centroids).abs().min(1).values
     assert torch.allclose((w[mask] - before[mask]).abs(), nearest)
     if bits == 8:  # many clusters: a small error
         assert (w[mask] - before[mask]).abs().max() < 0.05
 
 
-def test_linear_init_spans_the_range_of_the_kept_weights():
+def test_k_means_is_exact_on_a_small_case():
     w = torch.tensor([0.0, -2.0, -1.9, 0.0, 1.0, 1.1, 3.0, 2.9])
     codebook = k_means_quantize(w, 1)
-    assert sorted(codebook.centroids.tolist()) == pytest.approx([-1.95, (1.0 + 1.1 + 3.0 + 2.9) / 4])
+    assert sorted(codebook.centroids.tolist()) == pytest.approx([-1.95, 2.0])  # the optimal 2-means
     assert w[0] == 0 and w[3] == 0
+    same = torch.tensor([0.0, 0.5, 0.5])  # fewer distinct values than 2**bits
+    assert k_means_quantize(same, 4).centroids.tolist() == [0.5] and same.tolist() == [0.0, 0.5, 0.5]
+    empty = torch.zeros(6)  # a fully pruned tensor
+    assert (k_means_quantize(empty, 4).labels == -1).all() and not empty.any()
+    # Deep Compression's start reaches the same optimum on this easy case
+    lloyd = torch.tensor([0.0, -2.0, -1.9, 0.0, 1.0, 1.1, 3.0, 2.9])
+    k_means_quantize(lloyd, 1, init="linear")
+    assert sorted(set(lloyd[lloyd != 0].tolist())) == pytest.approx([-1.95, 2.0])
 
 
 def test_codebook_training_keeps_the_sharing_and_the_zeros():
