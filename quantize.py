@@ -22,7 +22,7 @@ from export import export_with_report
 from model import build_model_from_checkpoint
 from prune import SPARSITY, get_prunable_names
 from train import check_args, fit, get_args_parser, resumed_args
-from utils import (MiB, UserError, cli, ensure_writable, evaluate, get_device, get_model_size,
+from utils import (MiB, UserError, cli, ensure_writable, evaluate, get_device,
                    load_checkpoint, run_args, save_checkpoint, set_seed)
 
 # Bits per shared value, layer by layer: at most 2**bits distinct nonzero weights.
