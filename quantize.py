@@ -90,12 +90,12 @@ def k_means_quantize(tensor, bitwidth=4, codebook=None, init="exact"):
 @torch.no_grad()
 def update_codebook(tensor, codebook):
     """Each centroid becomes the mean of its members' current values (empty ones stay)."""
-    labels = codebook.labels.flatten()
-    kept = labels >= 0
-    values = tensor.detach().flatten()[kept].float()
+    # Bin 0 collects the pruned weights (label -1): no boolean indexing, so no device
+    # sync in this per-step hook.
+    bins = codebook.labels.flatten() + 1
     k = len(codebook.centroids)
-    sums = torch.zeros_like(codebook.centroids).index_add_(0, labels[kept], values)
-    counts = torch.bincount(labels[kept], minlength=k)
+    sums = torch.zeros(k + 1, device=bins.device).index_add_(0, bins, tensor.detach().flatten().float())[1:]
+    counts = torch.bincount(bins, minlength=k + 1)[1:]
     codebook.centroids.copy_(torch.where(counts > 0, sums / counts.clamp(min=1), codebook.centroids))
 
 

@@ -170,3 +170,11 @@ def test_bad_bits_dict_names_what_is_allowed():
     for bad in (0, 9, 2.5, "4", True):
         with pytest.raises(UserError, match="integer from 1 to 8"):
             quantize.check_bits({"backbone.conv1.weight": bad}, names)
+
+
+def test_update_codebook_moves_each_centroid_to_its_members_mean():
+    labels = torch.tensor([-1, 0, 0, 2, 2, 2, -1])
+    tensor = torch.tensor([5.0, 1.0, 2.0, 3.0, 4.0, 8.0, -7.0])  # the -1 entries must not count
+    codebook = quantize.Codebook(torch.tensor([0.0, 9.0, 0.0]), labels)
+    quantize.update_codebook(tensor, codebook)
+    assert codebook.centroids.tolist() == [1.5, 9.0, 5.0]  # centroid 1 has no member: it stays
