@@ -1,8 +1,9 @@
 """Speed of the repo's loops against a plain PyTorch baseline, measured in one run.
 
-    python bench.py --width 0.25 --data-dir ../shared/datasets/cifar10-jpeg
-    python bench.py --width 1.0 --steps 3 --data-dir ../shared/datasets/cifar10-jpeg
+    python bench.py --width 0.25
+    python bench.py --width 1.0 --steps 3
     python bench.py --export --width 1.0     # the export's size against its bound (no data)
+    python bench.py --export --checkpoint checkpoints/finetuned.pt checkpoints/quantized.pt
 
 Same model, width, batch size and images for both sides:
   baseline  a dataset over the uint8 images that works as torchvision's CIFAR10 does (a PIL
@@ -30,7 +31,8 @@ import torch
 
 import data
 from model import build_model
-from utils import TTA, format_table, get_device, save_checkpoint
+from utils import (TTA, UserError, cli, format_table, get_device, load_checkpoint, nonnegative_int,
+                   positive_float, positive_int, save_checkpoint, seed_int)
 
 
 def peak_memory_mib(device):
@@ -156,11 +158,30 @@ def bench_export(width, seed=0):
             masks = FineGrainedPruner(model, sparsity).masks
             if shared:
                 KMeansQuantizer(model, BITS)
-            print(f"--- width {width}, {label}")
+            print(f"--- width {width:g}, random weights, {label}")
             figures = export_with_report(model, masks, config, Path(tmp) / "pruned.sparse.pt", dense, shared=shared)
             print(f"bound is {dense / figures['bound_bytes']:.2f}x smaller than dense.pt")
         ratios[label] = figures["export_bytes"] / figures["bound_bytes"]
     return ratios
+
+
+def bench_export_of(path):
+    """The same for a trained checkpoint (pruned, finetuned or quantized): its export is
+    written to a temporary folder; -> {path: export / bound}."""
+    from export import export_with_report
+    from model import build_model_from_checkpoint
+
+    ckpt = load_checkpoint(path, stages=("pruned", "finetuned", "quantized"))
+    if ckpt.get("schedule") and ckpt["stage"] == "pruned":
+        raise UserError(f"{path} was pruned with --gradual: its masks are not applied yet; measure its finetuned.pt")
+    model = build_model_from_checkpoint(ckpt)
+    shared = ckpt["stage"] == "quantized"
+    print(f"--- {path}: {ckpt['stage']}, width {ckpt['config']['width']:g}, sparsity "
+          f"{ckpt['metrics']['sparsity']:.2%}, {'shared' if shared else 'fp32'} values")
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = export_with_report(model, ckpt["masks"], ckpt["config"], Path(tmp) / "m.sparse.pt",
+                                     ckpt["metrics"]["dense"]["checkpoint_bytes"], shared=shared)
+    return {str(path): figures["export_bytes"] / figures["bound_bytes"]}
 
 
 def in_child(fn, *args):
@@ -174,22 +195,30 @@ def get_args_parser():
     add = parser.add_argument
     add("--data-dir", default=data.DEFAULT_DATA_DIR, help="CIFAR-10 folder (default: %(default)s)")
     add("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    add("--width", type=float, default=0.25, help="model width (default: %(default)s)")
-    add("--batch-size", type=int, default=512, help="(default: %(default)s)")
-    add("--steps", type=int, default=5, help="timed batches per phase, after one warm-up (default: %(default)s)")
-    add("--workers", type=int, default=2, help="baseline DataLoader workers (default: %(default)s)")
-    add("--scan-images", type=int, default=500,
+    add("--width", type=positive_float, default=0.25, help="model width (default: %(default)s)")
+    add("--batch-size", type=positive_int, default=512, help="(default: %(default)s)")
+    add("--steps", type=positive_int, default=5, help="timed batches per phase, after one warm-up (default: %(default)s)")
+    add("--workers", type=nonnegative_int, default=2, help="baseline DataLoader workers (default: %(default)s)")
+    add("--scan-images", type=nonnegative_int, default=500,
         help="validation images for the scan timing; 0 skips it (default: %(default)s)")
     add("--export", action="store_true",
         help="measure only the export against its bound, on a random model (needs no data)")
-    add("--seed", type=int, default=0, help="--export: seed of the random model (default: %(default)s)")
+    add("--checkpoint", nargs="+", default=None, metavar="FILE",
+        help="--export: measure these trained checkpoints (pruned, finetuned or quantized) "
+             "instead of a random model")
+    add("--seed", type=seed_int, default=0, help="--export: seed of the random model (default: %(default)s)")
     return parser
 
 
 def main(args):
+    if args.checkpoint and not args.export:
+        raise UserError("--checkpoint goes with --export")
     if args.export:
+        if args.checkpoint:
+            return {k: v for path in args.checkpoint for k, v in bench_export_of(path).items()}
         return bench_export(args.width, args.seed)
     device = get_device(args.device)
+    data.load_cifar10(args.data_dir)  # bad data fails here, in one line, before any child starts
     print(f"bench: width {args.width}, batch {args.batch_size}, {args.steps} timed steps, device {device}"
           f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}")
     results = {phase: in_child(time_phase, phase, args)
@@ -212,4 +241,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli(main, get_args_parser())

@@ -2,11 +2,12 @@
 
 `--data-dir DIR` is read in one of three ways:
   1. an image-folder tree: DIR/train/<class>/*.png|jpg and DIR/test/<class>/*,
-     class folders named as CIFAR-10's classes (e.g. ../shared/datasets/cifar10-jpeg);
+     class folders named as CIFAR-10's classes (e.g. a PNG or JPEG copy of CIFAR-10);
   2. the standard python version: DIR/cifar-10-batches-py/ (or DIR itself);
   3. neither, and DIR missing or empty: torchvision's download into DIR, md5-checked.
 """
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,9 +82,13 @@ def download(data_dir):
     """torchvision's download of the python version into data_dir, md5-checked."""
     from torchvision.datasets.utils import download_and_extract_archive
 
+    data_dir = Path(data_dir)
+    new = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # to remove if it fails
     try:
         download_and_extract_archive(URL, download_root=str(data_dir), md5=MD5)
     except Exception as e:
+        if new:
+            shutil.rmtree(new[-1], ignore_errors=True)  # only what this call created
         raise UserError(
             f"no CIFAR-10 in {data_dir} and the download failed ({type(e).__name__}); put the "
             f"extracted cifar-10-batches-py/ folder in {data_dir}/, or pass --data-dir to a copy "
@@ -128,8 +133,6 @@ def get_datasets(data_dir, val_size=5000, split_seed=0, train_subset=None, allow
     train_x, train_y, test_x, test_y = load_cifar10(data_dir, allow_download)
     train_idx, val_idx = split_indices(len(train_x), val_size, split_seed)
     if train_subset is not None:
-        if train_subset <= 0:
-            raise UserError(f"--train-subset must be a positive number of images, got {train_subset}")
         train_idx = train_idx[:train_subset]
     datasets = {"train": (train_x[train_idx], train_y[train_idx]),
                 "val": (train_x[val_idx], train_y[val_idx]),

@@ -1,168 +1,180 @@
-"""Compressed export of a pruned model: nonzero values plus an entropy-coded mask.
+"""Compressed export of a pruned model: a short JSON header, then entropy-coded streams.
 
-A pruned tensor is stored as its kept values (fp32, or fp16 on request) and the
-positions of its minority mask symbol, coded as Golomb-Rice gaps: for a mask with
-density p this costs close to numel * H(p) bits, where a plain bitmask costs
-numel bits (about 2x more at 90% sparsity). The quotient and remainder streams are
-kept apart so that both code and decode are a few vectorized numpy calls.
-With shared=True (a model whose kept weights take few distinct values, as after
-quantize.py), a tensor's kept values are its codebook (the distinct values, fp32) and
-each kept weight's index into it, ANS-coded (constriction) with the tensor's own index
-histogram: close to nonzeros * H(indices) bits.
-Every other tensor of the state dict is stored as it is.
+    python export.py checkpoints/finetuned.sparse.pt             # what the file holds, tensor by tensor
+    python export.py checkpoints/quantized.sparse.pt --evaluate  # and its test accuracy
 
     from export import load_sparse_export
     model = load_sparse_export("checkpoints/finetuned.sparse.pt")  # an ordinary dense nn.Module
 
-`python bench.py --export --width 1.0` measures the export against its bound on a
-randomly initialised model pruned with the real code (no training needed).
+Each pruned tensor is coded weight by weight as one symbol: 0 for a pruned weight, 1 for
+a kept one, or, with shared values (after quantize.py), 1 + the index of its value in the
+tensor's codebook. The symbols are ANS-coded (constriction) with the tensor's own
+histogram, so a tensor costs close to numel x H(histogram) bits, which is its mask's
+entropy plus its kept weights' index entropy: `information_bound`. Unshared kept
+values follow as raw fp32 (or fp16 on request). Every other tensor of the state dict
+(BatchNorm, biases, unpruned layers) is stored raw.
+
+The file: MAGIC; the header's length (uint32, little-endian); the header (JSON: format,
+config, how values are stored, a CRC-32 of the rest, and per coded tensor its place in
+the state dict, codebook size, ANS word count and histogram); then per coded tensor its
+codebook (fp32), ANS words (uint32) and raw kept values; then the other tensors, in
+state-dict order. Names, shapes and dtypes are not stored: the loader takes them from
+the model that `config` builds. There is no pickle in it, so loading runs no code.
+
+`python bench.py --export` measures the export against its bound.
 """
+import argparse
+import json
 import math
+import zlib
 from pathlib import Path
 
 import constriction
 import numpy as np
 import torch
 
+from data import EVAL_BATCH_SIZE, Loader, get_datasets
 from model import build_model
-from utils import UserError, evaluate, get_model_size, load_checkpoint, save_checkpoint
+from utils import (MADE_BY, UserError, add_common_args, atomic_write, cli, evaluate, format_table,
+                   get_device, get_model_size, short_name)
 
-FORMAT = "fine-grained-sparse/2"
-
-
-def rice_encode(positions):
-    """Strictly increasing int64 positions -> (k, unary bits, remainder bits) of their gaps."""
-    gaps = np.diff(positions, prepend=-1) - 1
-    # bits(k) = sum(gaps >> k) + n * (1 + k); pick the cheapest k outright
-    k = min(range(33), key=lambda k: int((gaps >> k).sum()) + len(gaps) * (1 + k))
-    quotients, remainders = gaps >> k, gaps & ((1 << k) - 1)
-    unary = np.ones(int(quotients.sum()) + len(gaps), dtype=bool)  # q ones, then a zero
-    unary[np.cumsum(quotients + 1) - 1] = False
-    shifts = np.arange(k - 1, -1, -1, dtype=np.int64)
-    remainder_bits = ((remainders[:, None] >> shifts) & 1).astype(bool).ravel()
-    return k, unary, remainder_bits
+MAGIC = b"FGSPARSE"
+FORMAT = "fine-grained-sparse/3"
+VALUES = ("float32", "float16", "shared")  # how a coded tensor's kept values are stored
 
 
-def rice_decode(k, count, unary, remainder_bits):
-    """Inverse of rice_encode: -> the int64 positions."""
-    ends = np.flatnonzero(~unary)[:count]
-    quotients = np.diff(ends, prepend=-1) - 1
-    weights = 1 << np.arange(k - 1, -1, -1, dtype=np.int64)
-    remainders = remainder_bits[:count * k].reshape(count, k).astype(np.int64) @ weights
-    return np.cumsum(((quotients << k) | remainders) + 1) - 1
+def categorical(counts):
+    """The fixed ANS model of a histogram (the decoder rebuilds it from the same counts)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
 
 
-def pack_bits(bits):
-    return np.packbits(bits)
+def alphabet_size(codebook_size):
+    """Symbols of a coded tensor: pruned, then kept (or one per shared value); at least
+    two, as ANS needs, also for a fully pruned tensor."""
+    return max(2, codebook_size + 1)
 
 
-def unpack_bits(packed, length):
-    return np.unpackbits(packed)[:length].astype(bool)
-
-
-def ans_encode(symbols, counts):
-    """int32 symbols in [0, len(counts)) -> uint32 words, ANS-coded with the histogram `counts`."""
+def encode_tensor(tensor, mask, values):
+    """A pruned fp32 tensor and its bool mask (True = kept) -> ([codebook size, ANS words,
+    histogram], [codebook, words, raw values] as numpy arrays)."""
+    flat, kept = tensor.detach().cpu().float().flatten(), mask.cpu().flatten()
+    symbols = kept.to(torch.int32)
+    codebook = np.zeros(0, np.float32)
+    raw = np.zeros(0, np.float32)
+    if values == "shared":
+        unique, indices = torch.unique(flat[kept], return_inverse=True)
+        codebook = unique.numpy()
+        symbols[kept] = indices.to(torch.int32) + 1
+    else:
+        raw = flat[kept].to(getattr(torch, values)).numpy()
+    symbols = symbols.numpy()
+    counts = np.bincount(symbols, minlength=alphabet_size(len(codebook)))
     coder = constriction.stream.stack.AnsCoder()
-    if len(symbols):
-        coder.encode_reverse(symbols, constriction.stream.model.Categorical(counts / counts.sum(), perfect=False))
-    return coder.get_compressed()
-
-
-def ans_decode(words, counts):
-    """Inverse of ans_encode: -> counts.sum() int32 symbols."""
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int32)
-    model = constriction.stream.model.Categorical(counts / total, perfect=False)
-    return constriction.stream.stack.AnsCoder(words).decode(model, total)
-
-
-def as_bytes(*arrays):
-    """numpy arrays -> one uint8 tensor of their bytes, and the byte length of each.
-    One stored tensor per model tensor: each costs the container (zip + pickle) a few
-    hundred bytes, as much as a small layer's whole mask."""
-    raw = [np.ascontiguousarray(a).view(np.uint8).ravel() for a in arrays]
-    return torch.from_numpy(np.concatenate(raw) if raw else np.zeros(0, np.uint8)), [len(r) for r in raw]
-
-
-def split_bytes(data, sizes, dtypes):
-    """Inverse of as_bytes: -> the numpy arrays, viewed as `dtypes`."""
-    ends = np.cumsum(sizes)
-    if ends[-1] != len(data):
-        raise ValueError(f"{len(data)} bytes where the header says {ends[-1]}")
-    raw = data.numpy()
-    return [raw[e - n:e].view(t) for n, e, t in zip(sizes, ends, dtypes)]
-
-
-def encode_tensor(tensor, mask, dtype, shared=False):
-    """A pruned tensor and its bool mask (True = kept) -> a dict of ints and one byte tensor."""
-    flat_mask = mask.flatten().numpy()
-    minority = bool(flat_mask.mean() <= 0.5)  # code where the rarer symbol sits
-    positions = np.flatnonzero(flat_mask == minority)
-    k, unary, remainder_bits = rice_encode(positions)
-    kept = tensor.flatten()[mask.flatten()]
-    if shared:
-        codebook, indices = torch.unique(kept, return_inverse=True)
-        counts = np.bincount(indices.numpy(), minlength=len(codebook))
-        values = [codebook.float().numpy(), counts.astype(np.int64),
-                  ans_encode(indices.numpy().astype(np.int32), counts.astype(np.float64))]
-    else:
-        values = [kept.to(dtype).view(torch.int16 if dtype == torch.float16 else torch.int32).numpy()]
-    data, sizes = as_bytes(pack_bits(unary), pack_bits(remainder_bits), *values)
-    return {"minority": minority, "count": len(positions), "k": k, "unary_bits": len(unary),
-            "shared": shared, "dtype": str(dtype).removeprefix("torch."), "sizes": sizes, "data": data}
-
-
-def decode_tensor(entry, shape):
-    """Inverse of encode_tensor, for a tensor of `shape`: -> (float32 tensor, bool mask)."""
-    numel = math.prod(shape)
-    value_dtypes = [np.float32, np.int64, np.uint32] if entry["shared"] else [
-        np.float16 if entry["dtype"] == "float16" else np.float32]
-    unary, remainder, *values = split_bytes(entry["data"], entry["sizes"], [np.uint8, np.uint8, *value_dtypes])
-    positions = rice_decode(entry["k"], entry["count"], unpack_bits(unary, entry["unary_bits"]),
-                            unpack_bits(remainder, entry["count"] * entry["k"]))
-    mask = np.full(numel, not entry["minority"])
-    mask[positions] = entry["minority"]
-    mask = torch.from_numpy(mask)
-    tensor = torch.zeros(numel, dtype=torch.float32)
-    if entry["shared"]:
-        codebook, counts, words = values
-        indices = ans_decode(words, counts.astype(np.float64)).astype(np.int64)
-        tensor[mask] = torch.from_numpy(codebook.copy())[torch.from_numpy(indices)]
-    else:
-        tensor[mask] = torch.from_numpy(values[0].astype(np.float32))
-    return tensor.view(shape), mask.view(shape)
+    coder.encode_reverse(symbols, categorical(counts))
+    words = coder.get_compressed()
+    return [len(codebook), len(words), counts.tolist()], [codebook, words, raw]
 
 
 def save_sparse_export(state_dict, masks, config, path, dtype=torch.float32, shared=False):
     """Write the compressed export of a pruned state dict; returns its bytes on disk.
-    shared: store each masked tensor's kept values as a codebook plus coded indices.
-    Names, shapes and dtypes are not stored: the loader takes them from the model
-    that `config` builds."""
-    state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    sparse = {name: encode_tensor(state[name].float(), masks[name].cpu(), dtype, shared) for name in masks}
-    dense, _ = as_bytes(*(v.contiguous().numpy() for name, v in state.items() if name not in masks))
-    save_checkpoint({"stage": "export", "model": {}, "format": FORMAT, "config": config,
-                     "sparse": sparse, "dense": dense}, path)
+    shared: store each masked tensor's kept values as a codebook plus coded indices."""
+    values = "shared" if shared else str(dtype).removeprefix("torch.")
+    if values not in VALUES:
+        raise ValueError(f"the export stores values as {', '.join(VALUES)}, not {values}")
+    names = list(state_dict)
+    entries, arrays = [], []
+    for name in masks:
+        entry, streams = encode_tensor(state_dict[name], masks[name], values)
+        entries.append([names.index(name), *entry])
+        arrays += streams
+    arrays += [v.detach().cpu().contiguous().numpy() for name, v in state_dict.items() if name not in masks]
+    payload = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+    header = json.dumps({"format": FORMAT, "config": config, "values": values, "crc32": zlib.crc32(payload),
+                         "tensors": entries}, separators=(",", ":")).encode()
+    atomic_write(path, lambda f: f.write(MAGIC + len(header).to_bytes(4, "little") + header + payload))
     return Path(path).stat().st_size
+
+
+def read_export(path):
+    """An export file -> (header dict, payload bytes), its header and checksum checked."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a compressed export (a *.sparse.pt file)")
+    if not path.is_file():
+        raise UserError(f"{path} not found: {MADE_BY['export']}, or pass the path of a *.sparse.pt file")
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        what = ("a torch checkpoint, not a compressed export (an export from before "
+                f"{FORMAT} is one too: write it again)") if data.startswith(b"PK\x03\x04") else (
+                "not a compressed export of this repo: exports are the *.sparse.pt files that "
+                "prune.py, finetune.py and quantize.py write")
+        raise UserError(f"{path} is {what}")
+    try:
+        length = int.from_bytes(data[len(MAGIC):len(MAGIC) + 4], "little")
+        start = len(MAGIC) + 4 + length
+        header = json.loads(data[len(MAGIC) + 4:start])
+        if header.get("format") != FORMAT:
+            raise ValueError(f"format {header.get('format')!r}, this code reads {FORMAT}")
+        payload = data[start:]
+        if zlib.crc32(payload) != header["crc32"]:
+            raise ValueError("its checksum does not match")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is a truncated or corrupted export ({e})") from None
+    return header, payload
+
+
+class Reader:
+    """Numpy arrays read one after another from a byte string."""
+
+    def __init__(self, data):
+        self.data, self.offset = data, 0
+
+    def take(self, dtype, count):
+        array = np.frombuffer(self.data, dtype=dtype, count=count, offset=self.offset)
+        self.offset += array.nbytes
+        return array
+
+
+def decode_tensor(reader, entry, values, shape):
+    """The inverse of encode_tensor, reading its streams: -> fp32 tensor of `shape`."""
+    codebook_size, num_words, counts = entry
+    numel = math.prod(shape)
+    if sum(counts) != numel or len(counts) != alphabet_size(codebook_size):
+        raise ValueError(f"a histogram of {sum(counts)} symbols for {numel} weights")
+    codebook = reader.take(np.float32, codebook_size)
+    words = reader.take(np.uint32, num_words)
+    symbols = constriction.stream.stack.AnsCoder(words.copy()).decode(categorical(counts), numel)
+    if not np.array_equal(np.bincount(symbols, minlength=len(counts)), counts):
+        raise ValueError("the decoded weights do not match their histogram")
+    kept = symbols > 0
+    tensor = np.zeros(numel, np.float32)
+    if values == "shared":
+        tensor[kept] = codebook[symbols[kept] - 1]
+    else:
+        tensor[kept] = reader.take(np.dtype(values), counts[1]).astype(np.float32)
+    return torch.from_numpy(tensor).view(shape)
 
 
 def load_sparse_export(path):
     """The compressed export -> an ordinary dense model (eval mode, fp32, CPU)."""
-    ckpt = load_checkpoint(path, stages=("export",))
-    if ckpt.get("format") != FORMAT:
-        raise UserError(f"{path} is not a {FORMAT} export")
+    header, payload = read_export(path)
     try:
-        model = build_model(**ckpt["config"])
+        model = build_model(**header["config"])
         template = model.state_dict()
-        state = {name: decode_tensor(entry, template[name].shape)[0] for name, entry in ckpt["sparse"].items()}
-        rest = {name: t for name, t in template.items() if name not in state}
-        arrays = split_bytes(ckpt["dense"], [t.numel() * t.element_size() for t in rest.values()],
-                             [t.numpy().dtype for t in rest.values()])
-        state.update({name: torch.from_numpy(a.copy()).view(t.shape) for (name, t), a in zip(rest.items(), arrays)})
+        names = list(template)
+        reader = Reader(payload)
+        state = {}
+        for index, *entry in header["tensors"]:
+            state[names[index]] = decode_tensor(reader, entry, header["values"], template[names[index]].shape)
+        for name, t in template.items():
+            if name not in state:
+                state[name] = torch.from_numpy(reader.take(t.numpy().dtype, t.numel()).copy()).view(t.shape)
+        if reader.offset != len(payload):
+            raise ValueError(f"{len(payload) - reader.offset} bytes left over")
         model.load_state_dict(state)
-    except (KeyError, ValueError, IndexError, RuntimeError, TypeError, AssertionError, OverflowError) as e:
-        raise UserError(f"{path} is a corrupted sparse export ({type(e).__name__}: "
+    except (KeyError, ValueError, IndexError, RuntimeError, TypeError, OverflowError) as e:
+        raise UserError(f"{path} is a corrupted export ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     return model.eval()
 
@@ -199,19 +211,18 @@ def information_bound(model, masks, value_bits=32, shared=False):
 
 
 def export_with_report(model, masks, config, path, dense_bytes, dtype="float32", shared=False):
-    """Write the export and print the four size figures; returns them in bytes."""
+    """Write the export and print its size against dense.pt, the computed size and the
+    bound; -> {"export_bytes", "bound_bytes"}."""
     export_bytes = save_sparse_export(model.state_dict(), masks, config, path, getattr(torch, dtype), shared)
     value_bits = torch.finfo(getattr(torch, dtype)).bits
-    figures = {"dense_checkpoint_bytes": dense_bytes, "export_bytes": export_bytes,
-               "sparse_size_bytes": get_model_size(model, count_nonzero_only=True) / 8,
-               "bound_bytes": information_bound(model, masks, value_bits, shared) / 8}
+    figures = {"export_bytes": export_bytes, "bound_bytes": information_bound(model, masks, value_bits, shared) / 8}
     values = "codebook + H(indices)" if shared else f"nonzeros x {value_bits} bits"
     mib = 2 ** 20
     print(f"On disk: dense checkpoint {dense_bytes / mib:.2f} MiB -> {Path(path).name} "
           f"{export_bytes / mib:.3f} MiB ({dense_bytes / export_bytes:.2f}x smaller, "
           f"{'shared' if shared else dtype} values)\n"
-          f"Computed: sparse size {figures['sparse_size_bytes'] / mib:.2f} MiB (nonzeros x 32 bits) | "
-          f"information bound {figures['bound_bytes'] / mib:.3f} MiB ({values} "
+          f"Computed: sparse size {get_model_size(model, count_nonzero_only=True) / 8 / mib:.2f} MiB "
+          f"(nonzeros x 32 bits) | information bound {figures['bound_bytes'] / mib:.3f} MiB ({values} "
           f"+ mask entropy); the export is {export_bytes / figures['bound_bytes']:.3f}x the bound")
     return figures
 
@@ -230,3 +241,42 @@ def evaluate_export(path, loader, reference_acc):
     print(f"test accuracy: {reference_acc:.2f}% in fp32, {acc:.2f}% from {path.name} "
           f"({acc - reference_acc:+.2f} points)")
     return acc
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export", metavar="FILE", help="a compressed export, e.g. checkpoints/finetuned.sparse.pt")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="also load it into a model and measure its test accuracy (reads --data-dir)")
+    add_common_args(parser, checkpoints=False)
+    return parser
+
+
+def main(args):
+    header, payload = read_export(args.export)
+    model = load_sparse_export(args.export)  # decodes every stream: a corrupted file fails here
+    names, state = list(model.state_dict()), model.state_dict()
+    rows = []
+    for index, codebook_size, words, counts in header["tensors"]:
+        p = state[names[index]]
+        kept = int(sum(counts[1:]))
+        raw = 0 if header["values"] == "shared" else kept * np.dtype(header["values"]).itemsize
+        rows.append([short_name(names[index]), "x".join(map(str, p.shape)), f"{p.numel():,}",
+                     f"{1 - kept / p.numel():.4f}", codebook_size or "-", f"{4 * (codebook_size + words) + raw:,}"])
+    print(format_table(rows, ["tensor", "shape", "weights", "sparsity", "codebook", "bytes"]))
+    size = Path(args.export).stat().st_size
+    print(f"{args.export}: {FORMAT}, width {header['config']['width']:g}, {header['values']} values | "
+          f"{size:,} bytes: header {size - len(payload):,}, coded tensors {sum(int(r[-1].replace(',', '')) for r in rows):,}, "
+          f"other tensors raw | computed sparse size {get_model_size(model, count_nonzero_only=True) / 8:,.0f} bytes")
+    out = {"export_bytes": size}
+    if args.evaluate:
+        device = get_device(args.device)
+        datasets, _ = get_datasets(args.data_dir, val_size=0)
+        model = model.to(device, memory_format=torch.channels_last)
+        out["test_acc"] = evaluate(model, Loader(*datasets["test"], EVAL_BATCH_SIZE, device))
+        print(f"test accuracy {out['test_acc']:.2f}%")
+    return out
+
+
+if __name__ == "__main__":
+    cli(main, get_args_parser())

@@ -1,7 +1,7 @@
 """Finetune the pruned model with its masks held, and report the final results.
 
     python finetune.py
-    python finetune.py --epochs 5 --lr 0.05 --data-dir ../shared/datasets/cifar10-jpeg
+    python finetune.py --epochs 5 --lr 0.05
 
 The masks are re-applied after every optimizer step, so neither momentum nor weight
 decay brings a pruned weight back. When prune.py ran with --gradual, the sparsity
@@ -17,19 +17,16 @@ import torch
 from data import load_data_for
 from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
-from prune import FineGrainedPruner, GradualSchedule, get_prunable_sparsity, get_sparse_macs
-from train import check_args, fit, get_args_parser, resumed_args
-from utils import (MiB, cli, ensure_writable, evaluate, get_device, get_model_size,
-                   load_checkpoint, run_args, save_checkpoint, save_figure, set_seed)
+from prune import FineGrainedPruner, GradualSchedule
+from train import fit, get_args_parser, resumed_args
+from utils import (MiB, cli, ensure_writable, evaluate, get_device, load_checkpoint, make_checkpoint,
+                   measure, pyplot, save_checkpoint, save_figure, set_seed)
 
 
 def plot_summary(stages, path):
     """Two bar panels, size (MiB) and test accuracy (%), for dense / pruned / finetuned
     (the stages given)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(stages)
     colors = [{"dense": "tab:gray", "pruned": "tab:orange"}.get(n, "tab:green") for n in names]
     fig, (ax_size, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -52,7 +49,6 @@ def main(args):
     state_path, best_path = ckpt_dir / "finetuned.resume.pt", ckpt_dir / "finetuned.pt"
     args = resumed_args(args, state_path)
     ckpt = load_checkpoint(args.checkpoint or ckpt_dir / "pruned.pt", stages=("pruned",))
-    check_args(args)
     device = get_device(args.device)
     set_seed(args.seed)
     loaders = load_data_for(ckpt, args, device, train=True)
@@ -62,7 +58,11 @@ def main(args):
     pruner = FineGrainedPruner.from_masks(ckpt["masks"], device, schedule)
     # Epochs that end before a gradual ramp does are not at the final sparsity: never "best".
     first_final_epoch = math.ceil(schedule.ramp_steps / steps_per_epoch) if schedule else 1
-    pruned = ckpt["metrics"]
+    pruned, dense = ckpt["metrics"], ckpt["metrics"]["dense"]
+
+    def finetuned_checkpoint(metrics, history):
+        return make_checkpoint("finetuned", model, metrics, args, source=ckpt, history=history,
+                               masks=pruner.state_dict(), sparsity=pruner.sparsity, schedule=ckpt.get("schedule"))
 
     def keep_best(history):
         final = history[first_final_epoch - 1:]
@@ -70,51 +70,47 @@ def main(args):
         print(f"Epoch {entry['epoch']} Accuracy {entry['val_acc']:.2f}% / Best Accuracy: {best:.2f}%"
               f"  ({entry['seconds']:.0f} s)" + ("" if final else " (still pruning)"))
         if final and not entry["val_acc"] < best:  # NaN (no val split) keeps the latest
-            save_checkpoint({"model": model.state_dict(), "stage": "finetuned", "config": ckpt["config"],
-                             "metrics": {**pruned, "best_epoch": entry["epoch"]}, "history": history,
-                             "args": run_args(args), "split": ckpt["split"],
-                             "masks": pruner.state_dict(),
-                             "sparsity": pruner.sparsity, "schedule": ckpt.get("schedule")}, best_path)
+            # test_acc is measured once, on the best epoch, when the run ends
+            save_checkpoint(finetuned_checkpoint({"val_acc": entry["val_acc"], "test_acc": float("nan"),
+                                                  **measure(model), "best_epoch": entry["epoch"]}, history),
+                            best_path)
 
     t0 = time.perf_counter()
     history = fit(model, loaders, args, state_path, on_epoch=keep_best, pruner=pruner, desc="finetune")
     best = load_checkpoint(best_path, stages=("finetuned",))
     model.load_state_dict(best["model"])
-    test_acc = evaluate(model, loaders["test"])
-    inputs = torch.zeros(1, 3, 32, 32, device=device)
-    sparse_bits = get_model_size(model, count_nonzero_only=True)
+    pruner.load_state_dict(best["masks"], device)
     best_epoch = best["metrics"]["best_epoch"]
-    metrics = {**pruned, "val_acc": history[best_epoch - 1]["val_acc"], "test_acc": test_acc,
-               "pruned_val_acc": pruned["val_acc"], "pruned_test_acc": pruned["test_acc"],
-               "best_epoch": best_epoch, "sparse_size_bits": sparse_bits,
-               "sparse_macs": get_sparse_macs(model, inputs),
-               "sparsity": get_prunable_sparsity(model),
-               "finetune_seconds": time.perf_counter() - t0}
+    metrics = {"val_acc": history[best_epoch - 1]["val_acc"], "test_acc": evaluate(model, loaders["test"]),
+               **measure(model), "best_epoch": best_epoch, "seconds": time.perf_counter() - t0,
+               # in all since the dense model: an iterative chain adds up its rounds
+               "finetune_epochs": args.epochs + ckpt["metrics"].get("finetuned", {}).get("finetune_epochs", 0)}
     export_path = ckpt_dir / "finetuned.sparse.pt"
     metrics.update(export_with_report(model, pruner.masks, ckpt["config"], export_path,
-                                      pruned["dense_checkpoint_bytes"], args.export_dtype))
+                                      dense["checkpoint_bytes"], args.export_dtype))
     if args.export_dtype != "float32":
-        metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], test_acc)
-    save_checkpoint({**best, "metrics": metrics, "history": history}, best_path)
+        metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], metrics["test_acc"])
+    out = finetuned_checkpoint(metrics, history)
+    save_checkpoint(out, best_path)
     state_path.unlink(missing_ok=True)
 
-    dense_mib, sparse_mib = pruned["dense_size_bits"] / MiB, sparse_bits / MiB
-    print(f"\nOriginal model size: {dense_mib:.2f} MiB | test accuracy {pruned['dense_test_acc']:.2f}%")
+    dense_mib, sparse_mib = dense["size_bits"] / MiB, metrics["size_bits"] / MiB
+    print(f"\nOriginal model size: {dense_mib:.2f} MiB | test accuracy {dense['test_acc']:.2f}%")
     print(f"Sparse model size: {sparse_mib:.2f} MiB = {100 * sparse_mib / dense_mib:.2f}% of the original "
           f"({dense_mib / sparse_mib:.2f}x smaller)")
     before = "pruned during finetuning" if schedule else f"{pruned['test_acc']:.2f}% before finetuning"
-    print(f"Sparse model test accuracy: {before}, {test_acc:.2f}% after "
-          f"(best epoch {metrics['best_epoch']} by validation)")
+    print(f"Sparse model test accuracy: {before}, {metrics['test_acc']:.2f}% after "
+          f"(best epoch {best_epoch} by validation)")
     print(f"Overall sparsity of the prunable weights: {metrics['sparsity']:.2%} | MACs per image: "
-          f"{pruned['dense_macs'] / 1e6:,.1f} M dense, {metrics['sparse_macs'] / 1e6:,.1f} M on nonzero weights")
-    stages = {"dense": {"size_mib": dense_mib, "test_acc": pruned["dense_test_acc"]},
-              "pruned": {"size_mib": sparse_mib, "test_acc": pruned["test_acc"]},
-              "finetuned": {"size_mib": sparse_mib, "test_acc": test_acc}}
+          f"{dense['macs'] / 1e6:,.1f} M dense, {metrics['macs'] / 1e6:,.1f} M on nonzero weights")
+    stages = {"dense": {"size_mib": dense_mib, "test_acc": dense["test_acc"]},
+              "pruned": {"size_mib": pruned["size_bits"] / MiB, "test_acc": pruned["test_acc"]},
+              "finetuned": {"size_mib": sparse_mib, "test_acc": metrics["test_acc"]}}
     if schedule:  # no one-shot pruned model to show
         del stages["pruned"]
     plot = plot_summary(stages, plot_dir / "summary.png")
     print(f"saved {best_path}, {export_path} and {plot}")
-    return metrics
+    return out["metrics"]
 
 
 def get_finetune_args_parser():

@@ -16,7 +16,6 @@ once; a rerun skips the points already there, so an interrupted or extended swee
 at most the point it was in. Validation accuracy is measured, test accuracy is reported:
 nothing here is chosen on test data. Writes plots/frontier.png and prints a table.
 """
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -27,18 +26,19 @@ from data import load_data_for
 from export import save_sparse_export
 from model import build_model_from_checkpoint
 from prune import (FineGrainedPruner, GradualSchedule, add_pruning_args, allocate, get_prunable_names,
-                   get_prunable_sparsity, get_sparse_macs, gradual_schedule, resolve_names)
-from sensitivity import drop_for_target, parse_sparsities, suggest_sparsity
-from train import check_args, fit
+                   gradual_schedule, resolve_names)
+from sensitivity import drop_for_target, suggest_sparsity
+from train import fit
 from train import get_args_parser as get_training_args_parser
-from utils import (MiB, Interrupted, UserError, cli, ensure_writable, evaluate, format_table,
-                   get_device, get_model_macs, get_model_size, load_checkpoint, save_figure,
-                   set_seed, write_json)
+from utils import (MiB, Interrupted, UserError, cli, ensure_writable, evaluate, format_table, fraction_list,
+                   get_device, load_checkpoint, measure, plural, pyplot, read_json, save_figure, set_seed,
+                   write_json)
 
 METHODS = ("uniform", "global", "scan", "uniform-gradual", "global-gradual", "scan-gradual")
 # The flags that make points comparable: a sweep file holds points of one budget only.
 BUDGET_FLAGS = ("epochs", "lr", "batch_size", "train_subset", "seed", "momentum", "weight_decay",
-                "label_smoothing", "warmup", "bias_lr_scale", "translate", "exclude", "ramp", "prune_every")
+                "label_smoothing", "warmup", "bias_lr_scale", "translate", "low_res_epochs", "low_res",
+                "exclude", "ramp", "prune_every")
 
 
 def parse_methods(text):
@@ -61,13 +61,18 @@ def scan_plan(scan, target, model):
 
 def load_scan(path, model):
     """sensitivity.json of this model's architecture -> dict."""
-    if not Path(path).is_file():
-        raise UserError(f"--methods scan needs {path}: run `python sensitivity.py --sparsities "
-                        "0.5,0.7,0.8,0.9,0.95,0.98,0.99` first, or leave the scan methods out")
-    scan = json.loads(Path(path).read_text())
+    fix = ("run `python sensitivity.py --sparsities 0.5,0.7,0.8,0.9,0.95,0.98,0.99` first, or leave "
+           "the scan methods out")
+    scan = read_json(path, "the sensitivity scan that --methods scan needs", fix)
     params = dict(model.named_parameters())
-    if any(n not in params or params[n].numel() != k for n, k in scan["num_parameters"].items()):
-        raise UserError(f"{path} was scanned on another model width: rerun sensitivity.py on this checkpoint")
+    try:
+        wrong = any(n not in params or params[n].numel() != k for n, k in scan["num_parameters"].items())
+        wrong = wrong or any(len(a) != len(scan["sparsities"]) for a in scan["accuracy"].values())
+        float(scan["dense_acc"])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise UserError(f"{path} is not a scan written by sensitivity.py: {fix}") from None
+    if wrong:
+        raise UserError(f"{path} was scanned on another model: rerun sensitivity.py on this checkpoint")
     return scan
 
 
@@ -91,21 +96,22 @@ def run_point(dense, loaders, args, method, target, scan, device):
     pruner = FineGrainedPruner(model, plan, schedule)
     t0 = time.perf_counter()
     history = fit(model, loaders, args, None, pruner=pruner, desc=f"{method} {target:g}", val_every=args.epochs)
-    inputs = torch.zeros(1, 3, 32, 32, device=device)
     with tempfile.TemporaryDirectory() as tmp:
         export_bytes = save_sparse_export(model.state_dict(), pruner.masks, dense["config"], Path(tmp) / "m.pt")
-    return {"method": method, "target": target, "sparsity": get_prunable_sparsity(model),
-            "val_acc": history[-1]["val_acc"], "test_acc": evaluate(model, loaders["test"]),
-            "export_bytes": export_bytes, "sparse_macs": get_sparse_macs(model, inputs),
-            "size_bits": get_model_size(model, count_nonzero_only=True),
+    return {"method": method, "target": target, "val_acc": history[-1]["val_acc"],
+            "test_acc": evaluate(model, loaders["test"]), **measure(model), "export_bytes": export_bytes,
             "seconds": time.perf_counter() - t0, "layers": dict(pruner.sparsity)}
 
 
 def load_sweep(path, dense_record, budget):
     """The points already in frontier.json; a file from another dense model or budget is refused."""
-    if not path.is_file():
+    if not path.exists():
         return []
-    sweep = json.loads(path.read_text())
+    fix = "pass another --out, or delete it to start over"
+    sweep = read_json(path, "a sweep written by frontier.py", fix)
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("points"), list) or not all(
+            isinstance(p, dict) and {"method", "target"} <= set(p) for p in sweep["points"]):
+        raise UserError(f"{path} is not a sweep written by frontier.py: {fix}")
     if sweep.get("dense") != dense_record or sweep.get("budget") != budget:
         raise UserError(f"{path} holds a sweep of another dense model or finetuning budget: "
                         "pass another --out, or delete it to start over")
@@ -116,11 +122,9 @@ def plot_frontier(sweep, path):
     """Test accuracy against compression (left) and against MACs on nonzero weights (right),
     one line per method (a colour per allocation, dashed when gradual), the dense
     accuracy and its 0.5-point band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
+    plt = pyplot()
     dense, points = sweep["dense"], sweep["points"]
     fig, (ax_size, ax_macs) = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
     allocations = [m for m in METHODS if not m.endswith("-gradual")]
@@ -132,7 +136,7 @@ def plot_frontier(sweep, path):
                  "ls": "--" if method.endswith("-gradual") else "-", "label": method}
         acc = [p["test_acc"] for p in rows]
         ax_size.plot([dense["size_bits"] / p["size_bits"] for p in rows], acc, **style)
-        ax_macs.plot([p["sparse_macs"] / 1e6 for p in rows], acc, **style)
+        ax_macs.plot([p["macs"] / 1e6 for p in rows], acc, **style)
     for ax in (ax_size, ax_macs):
         ax.axhline(dense["test_acc"], color="k", lw=1, label=f"dense {dense['test_acc']:.2f}%")
         ax.axhspan(dense["test_acc"] - 0.5, dense["test_acc"], color="k", alpha=0.08, label="within 0.5 points")
@@ -156,14 +160,14 @@ def plot_frontier(sweep, path):
     top.set_xlabel("sparsity of the prunable weights")
     ax_size.set_xlabel("compression of the model size (dense / nonzeros x 32 bits)")
     ax_size.set_ylabel("test accuracy (%)")
-    low, high = min(p["sparse_macs"] for p in points) / 1e6, max(p["sparse_macs"] for p in points) / 1e6
+    low, high = min(p["macs"] for p in points) / 1e6, max(p["macs"] for p in points) / 1e6
     ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000) if 0.8 * low <= t <= 1.25 * high]
     ax_macs.set_xticks(ticks, [f"{t:,}" for t in ticks])
     ax_macs.set_xlabel(f"MACs per image on nonzero weights (M; dense {dense['macs'] / 1e6:,.0f} M)")
     ax_macs.legend(fontsize=8, loc="lower right")
     b = sweep["budget"]
-    fig.suptitle(f"Test accuracy after pruning, width {dense['width']:g}: every point finetuned {b['epochs']} "
-                 f"epochs on {b['train_subset'] or 'all'} training images (lr {b['lr']:g}, batch {b['batch_size']})")
+    fig.suptitle(f"Test accuracy after pruning, width {dense['width']:g}: every point finetuned "
+                 f"{plural(b['epochs'], 'epoch')} on {b['train_subset'] or 'all'} training images (lr {b['lr']:g}, batch {b['batch_size']})")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -173,7 +177,7 @@ def print_table(sweep):
     rows = [[p["method"], f"{p['target']:g}", f"{p['sparsity']:.4f}", f"{p['val_acc']:.2f}",
              f"{p['test_acc']:.2f}", f"{p['test_acc'] - dense['test_acc']:+.2f}",
              f"{dense['size_bits'] / p['size_bits']:.2f}x", f"{dense['checkpoint_bytes'] / p['export_bytes']:.2f}x",
-             f"{p['sparse_macs'] / 1e6:,.1f}"]
+             f"{p['macs'] / 1e6:,.1f}"]
             for p in sorted(sweep["points"], key=lambda p: (p["target"], METHODS.index(p["method"])))]
     print(format_table(rows, ["method", "target", "sparsity", "val %", "test %", "vs dense",
                               "size", "on disk", "MACs (M)"]))
@@ -183,13 +187,13 @@ def print_table(sweep):
 
 
 def get_args_parser():
-    parser = get_training_args_parser(__doc__, epochs=5, lr=0.05, plots=True)
+    parser = get_training_args_parser(__doc__, epochs=5, lr=0.05, plots=True, resume=False)
     parser.set_defaults(batch_size=256)  # finetune.py's defaults
     add = parser.add_argument
     add("--checkpoint", default=None, help="dense model to prune (default: <checkpoint-dir>/dense.pt)")
     add("--methods", default=",".join(METHODS), help="comma-separated, see above (default: %(default)s)")
-    add("--sparsities", default="0.5,0.7,0.8,0.9,0.95,0.98",
-        help="comma-separated targets, fractions of the prunable weights (default: %(default)s)")
+    add("--sparsities", type=fraction_list, default=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98),
+        help="comma-separated targets, fractions of the prunable weights (default: 0.5,0.7,0.8,0.9,0.95,0.98)")
     add("--scan", default=None, metavar="FILE.json",
         help="the scan for the scan methods (default: <checkpoint-dir>/sensitivity.json)")
     add("--out", default=None, help="the sweep's JSON (default: <checkpoint-dir>/frontier.json)")
@@ -199,10 +203,9 @@ def get_args_parser():
 
 def main(args):
     ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
-    if args.resume:
-        raise UserError("frontier.py resumes by itself: rerun the same command without --resume")
-    check_args(args)
-    methods, targets = parse_methods(args.methods), parse_sparsities(args.sparsities)
+    methods, targets = parse_methods(args.methods), args.sparsities
+    out = Path(args.out or ckpt_dir / "frontier.json")
+    ensure_writable(out.parent)
     source = Path(args.checkpoint or ckpt_dir / "dense.pt")
     dense_ckpt = load_checkpoint(source, stages=("dense",))
     device = get_device(args.device)
@@ -211,18 +214,15 @@ def main(args):
     scan = load_scan(args.scan or ckpt_dir / "sensitivity.json", model) if any(
         m.startswith("scan") for m in methods) else None
     prunable = [p for p in model.parameters() if p.dim() > 1]
-    dense = {"width": dense_ckpt["config"]["width"],
-             "val_acc": dense_ckpt["metrics"]["val_acc"], "test_acc": dense_ckpt["metrics"]["test_acc"],
-             "checkpoint_bytes": source.stat().st_size, "size_bits": get_model_size(model),
+    figures = {k: dense_ckpt["metrics"][k] for k in ("val_acc", "test_acc", "size_bits", "macs")}
+    dense = {"width": dense_ckpt["config"]["width"], **figures, "checkpoint_bytes": source.stat().st_size,
              "num_parameters": sum(p.numel() for p in model.parameters()),
-             "num_prunable": sum(p.numel() for p in prunable),
-             "macs": get_model_macs(model, torch.zeros(1, 3, 32, 32))}
+             "num_prunable": sum(p.numel() for p in prunable)}
     budget = {k: getattr(args, k) for k in BUDGET_FLAGS}
-    out = Path(args.out or ckpt_dir / "frontier.json")
     points = load_sweep(out, dense, budget)
     todo = [(m, t) for t in targets for m in methods
             if not any(p["method"] == m and p["target"] == t for p in points)]
-    print(f"{len(points)} points in {out}, {len(todo)} to run")
+    print(f"{plural(len(points), 'point')} in {out}, {len(todo)} to run")
     loaders = load_data_for(dense_ckpt, args, device, train=True) if todo else None
     try:
         for i, (method, target) in enumerate(todo, 1):
@@ -237,7 +237,7 @@ def main(args):
             print(f"[{i}/{len(todo)}] {method} {target:g}: sparsity {record['sparsity']:.4f} | val "
                   f"{record['val_acc']:.2f}% | test {record['test_acc']:.2f}% | {record['seconds']:.0f} s")
     except KeyboardInterrupt:
-        raise Interrupted(f"{len(points)} points are saved in {out}; rerun the same command to "
+        raise Interrupted(f"{plural(len(points), 'point')} saved in {out}; rerun the same command to "
                           "continue") from None
     sweep = {"dense": dense, "budget": budget, "points": points}
     if not points:

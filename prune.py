@@ -1,22 +1,25 @@
 """Fine-grained (unstructured) magnitude pruning of the trained model.
 
-    python prune.py                                            # the SPARSITY dict below
+    python prune.py                                            # the seed's per-layer dict
     python prune.py --sparsity checkpoints/sparsity_suggested.json
     python prune.py --method global --target 0.9               # one threshold for all layers
     python prune.py --method global --target 0.95 --gradual    # prune while finetune.py trains
 
 How the sparsity is spread over the prunable tensors (--method):
-  dict     a per-layer dict: SPARSITY below, or --sparsity FILE.json (e.g. the scan's
-           suggestion). A layer the dict leaves out stays dense;
+  dict     a per-layer dict: the original run's (SPARSITY in prune.py, 60% to 90% per
+           layer), or --sparsity FILE.json such as the scan's suggestion.
+           A layer the dict leaves out stays dense;
   uniform  --target for every tensor but the --exclude ones;
   global   one magnitude threshold over those tensors, removing round(target * total)
            weights in all (torch.nn.utils.prune.global_unstructured's rule).
 One-shot pruning happens here. With --gradual, finetune.py raises the sparsity along
 Zhu & Gupta's cubic schedule instead, recomputing the masks every few steps.
+Iterative pruning (Han et al. 2015): prune a finetuned model further, then finetune again;
+its pruned weights stay pruned:
+    python prune.py --checkpoint checkpoints/finetuned.pt --method global --target 0.98
 Writes checkpoints/pruned.pt, pruned.sparse.pt and plots/weights.png.
 """
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -25,9 +28,10 @@ import torch
 from data import load_data_for
 from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
-from utils import (MiB, UserError, add_common_args, cli, ensure_writable, evaluate, format_table,
-                   get_device, get_model_macs, get_model_size, get_sparsity, load_checkpoint,
-                   run_args, save_checkpoint, save_figure)
+from utils import (MiB, UserError, add_common_args, cli, ensure_writable, evaluate, format_table, fraction,
+                   fraction_in, get_device, get_model_size, get_sparsity, is_fraction, load_checkpoint,
+                   make_checkpoint, measure, plural, positive_int, pyplot, read_json, save_checkpoint,
+                   save_figure, short_name)
 
 # The original run's per-layer sparsities (fraction of weights set to zero).
 SPARSITY = {
@@ -78,7 +82,7 @@ def fine_grained_prune(tensor, sparsity):
 
 
 def check_fraction(sparsity):
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
+    if not is_fraction(sparsity):
         raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
 
 
@@ -94,12 +98,6 @@ def get_prunable_names(model):
     return [name for name, p in model.named_parameters() if p.dim() > 1]
 
 
-def get_prunable_sparsity(model):
-    """Fraction of zeros over all prunable tensors (dim > 1) together."""
-    prunable = [p for p in model.parameters() if p.dim() > 1]
-    return 1.0 - sum(int(p.count_nonzero()) for p in prunable) / sum(p.numel() for p in prunable)
-
-
 def check_sparsity_dict(sparsity_dict, valid_names):
     """Refuse unknown layer names and values that are not numbers in [0, 1]."""
     if not isinstance(sparsity_dict, dict):
@@ -110,22 +108,14 @@ def check_sparsity_dict(sparsity_dict, valid_names):
         raise UserError(f"unknown layer(s) {unknown} in the sparsity dict; valid names: "
                         f"{', '.join(valid_names)}")
     for name, value in sparsity_dict.items():
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value) or not 0 <= value <= 1):
+        if not is_fraction(value):
             raise UserError(f"sparsity of {name} must be a number in [0, 1], got {value!r}")
 
 
 def load_sparsity_json(path):
     """A JSON file {layer name: sparsity} -> dict; a bad file is a UserError."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise UserError(f"cannot read --sparsity {path}: {e.strerror}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--sparsity {path} is not valid JSON ({e.msg} at line {e.lineno}, "
-                        f"column {e.colno})") from None
+    return read_json(path, "the --sparsity dict, JSON {layer name: sparsity}",
+                     "pass a file such as checkpoints/sparsity_suggested.json")
 
 
 def resolve_names(text, valid_names):
@@ -169,7 +159,7 @@ def allocate(model, method, target=None, sparsity_dict=None, exclude=EXCLUDE, ma
     if method == "dict":
         check_sparsity_dict(sparsity_dict, get_prunable_names(model))
         return dict(sparsity_dict)
-    if target is None or not 0 <= target <= 1:
+    if not is_fraction(target):
         raise UserError(f"--method {method} needs --target, a fraction in [0, 1] such as 0.9; got {target}")
     names = [n for n in get_prunable_names(model) if n not in exclude]
     if not names:
@@ -244,9 +234,10 @@ class FineGrainedPruner:
     weights again after every optimizer step while finetuning. With a GradualSchedule,
     it also re-prunes to the schedule's sparsity when a step is due."""
 
-    def __init__(self, model, sparsity_dict, schedule=None):
+    def __init__(self, model, sparsity_dict, schedule=None, masks=None):
         check_sparsity_dict(sparsity_dict, get_prunable_names(model))
-        self.masks, self.sparsity, self.schedule = {}, {}, schedule
+        self.masks, self.schedule = dict(masks or {}), schedule
+        self.sparsity = {name: get_sparsity(m.float()) for name, m in self.masks.items()}
         self.prune(model, sparsity_dict)
 
     @classmethod
@@ -261,13 +252,16 @@ class FineGrainedPruner:
     @torch.no_grad()
     def prune(self, model, sparsity_dict):
         """Prune each named tensor to exactly round(sparsity * numel) zeros, by magnitude;
-        weights this pruner pruned before stay pruned (at the same or higher sparsity)."""
+        weights this pruner pruned before stay pruned (also when that is more zeros)."""
         for name, param in model.named_parameters():
             if name in sparsity_dict:
                 check_fraction(sparsity_dict[name])
-                scores = importance(param, self.masks.get(name))
-                self.masks[name] = magnitude_mask(scores, round(sparsity_dict[name] * param.numel()))
-                self.sparsity[name] = sparsity_dict[name]
+                held = self.masks.get(name)
+                num_zeros = round(sparsity_dict[name] * param.numel())
+                if held is not None:
+                    num_zeros = max(num_zeros, int((~held).sum()))
+                self.masks[name] = magnitude_mask(importance(param, held), num_zeros)
+                self.sparsity[name] = num_zeros / param.numel()
                 param.mul_(self.masks[name])
 
     def state_dict(self):
@@ -283,27 +277,6 @@ class FineGrainedPruner:
         for name, param in model.named_parameters():
             if name in self.masks:
                 param.mul_(self.masks[name])
-
-
-def get_sparse_macs(model, inputs):
-    """MACs of one forward pass that fall on nonzero weights (the dense count minus
-    the products with pruned weights)."""
-    positions = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: positions.__setitem__(
-        name, o[0].numel() // o.shape[1]))  # output positions per sample, per filter
-        for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    # A plain forward pass: under torchprofile's trace the shapes would be tensors.
-    was_training = model.training
-    with torch.no_grad():
-        model.eval()(inputs)
-    model.train(was_training)
-    for h in hooks:
-        h.remove()
-    macs = get_model_macs(model, inputs)
-    for name, m in model.named_modules():
-        if name in positions:
-            macs -= (m.weight.numel() - int(m.weight.count_nonzero())) * positions[name]
-    return macs
 
 
 def layer_table(model, sparsity_dict):
@@ -327,10 +300,7 @@ def size_report(model, dense_bits):
 
 def plot_weights(model, path, bins=256):
     """Histograms of each prunable tensor's nonzero weights (one panel per layer)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = get_prunable_names(model)
     params = dict(model.named_parameters())
     cols = 6
@@ -338,7 +308,7 @@ def plot_weights(model, path, bins=256):
     for ax, name in zip(axes.flat, names):
         w = params[name].detach().float().flatten().cpu()
         ax.hist(w[w != 0].numpy(), bins=bins, color="tab:blue", alpha=0.8)
-        ax.set_title(f"{name.replace('backbone.', '').replace('.weight', '')}\n"
+        ax.set_title(f"{short_name(name)}\n"
                      f"sparsity {get_sparsity(w):.2f}", fontsize=8)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(names):]:
@@ -354,10 +324,10 @@ def add_pruning_args(parser):
     add("--exclude", default=",".join(EXCLUDE),
         help="tensors that uniform and global pruning keep dense, comma-separated, full or short "
              "names such as conv0 (default: %(default)s)")
-    add("--ramp", type=float, default=0.5,
+    add("--ramp", type=fraction_in(True, False), default=0.5,
         help="gradual pruning: the fraction of the finetuning steps over which the sparsity "
              "rises; the masks are frozen after it (default: %(default)s)")
-    add("--prune-every", type=int, default=10, metavar="STEPS",
+    add("--prune-every", type=positive_int, default=10, metavar="STEPS",
         help="gradual pruning: recompute the masks every this many optimizer steps "
              "(default: %(default)s)")
     return parser
@@ -372,9 +342,9 @@ def get_args_parser():
     add("--method", default="dict", choices=METHODS,
         help="how the sparsity is spread over the layers, see above (default: %(default)s)")
     add("--sparsity", default=None, metavar="FILE.json",
-        help="dict method: JSON {layer name: sparsity} that replaces the SPARSITY dict, e.g. "
-             "checkpoints/sparsity_suggested.json (default: the dict in prune.py)")
-    add("--target", type=float, default=None, metavar="FRACTION",
+        help="dict method: JSON {layer name: sparsity} in place of the original run's dict, e.g. "
+             "checkpoints/sparsity_suggested.json (default: SPARSITY in prune.py)")
+    add("--target", type=fraction, default=None, metavar="FRACTION",
         help="uniform and global methods: the sparsity to reach, e.g. 0.9 (default: none)")
     add("--gradual", action="store_true",
         help="prune gradually during finetune.py (cubic schedule) instead of all at once now")
@@ -396,54 +366,47 @@ def main(args):
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     exclude = resolve_names(args.exclude, get_prunable_names(model))
     sparsity = load_sparsity_json(args.sparsity) if args.sparsity else SPARSITY
-    plan = allocate(model, args.method, args.target, sparsity, exclude)
+    # Pruning a finetuned model again (iterative pruning) holds its masks: they only shrink.
+    held = {n: m.to(device) for n, m in ckpt.get("masks", {}).items()}
+    plan = allocate(model, args.method, args.target, sparsity, exclude, held)
     schedule = None
     if args.gradual:
         schedule = gradual_schedule(model, args.method, plan, args.target, args.ramp, args.prune_every)
-    inputs = torch.zeros(1, 3, 32, 32, device=device)
-    dense_bits, dense_macs = get_model_size(model), get_model_macs(model, inputs)
-    dense = [n for n in get_prunable_names(model) if n not in plan]
-    if dense:
-        print(f"kept dense: {', '.join(dense)}")
+    carry = {"checkpoint_bytes": source.stat().st_size} if ckpt["stage"] == "dense" else {}
+    dense = {**ckpt["metrics"], **carry} if ckpt["stage"] == "dense" else ckpt["metrics"]["dense"]
+    kept_dense = [n for n in get_prunable_names(model) if n not in plan and n not in held]
+    if kept_dense:
+        print(f"kept dense: {', '.join(kept_dense)}")
 
     # Gradual: only the weights that are zero already are masked now (a no-op on a dense model).
-    pruner = FineGrainedPruner(model, schedule["initial"] if schedule else plan)
+    pruner = FineGrainedPruner(model, schedule["initial"] if schedule else plan, masks=held)
     print(layer_table(model, plan))
-    print(size_report(model, dense_bits))
-    sparse_macs = get_sparse_macs(model, inputs)
-    overall = get_prunable_sparsity(model)
-    print(f"MACs per image: dense {dense_macs / 1e6:,.1f} M, on nonzero weights "
-          f"{sparse_macs / 1e6:,.1f} M ({dense_macs / sparse_macs:.2f}x fewer)")
-    dense_metrics = ckpt["metrics"]
-    metrics = {"dense_val_acc": dense_metrics.get("dense_val_acc", dense_metrics["val_acc"]),
-               "dense_test_acc": dense_metrics.get("dense_test_acc", dense_metrics["test_acc"]),
-               "dense_checkpoint_bytes": dense_metrics.get("dense_checkpoint_bytes", source.stat().st_size),
-               "dense_size_bits": dense_bits, "dense_macs": dense_macs,
-               "sparse_size_bits": get_model_size(model, count_nonzero_only=True),
-               "sparse_macs": sparse_macs, "sparsity": overall, "method": args.method,
-               "target": args.target, "gradual": args.gradual}
+    print(size_report(model, dense["size_bits"]))
+    metrics = {**measure(model), "method": args.method, "target": args.target, "gradual": args.gradual}
+    print(f"MACs per image: dense {dense['macs'] / 1e6:,.1f} M, on nonzero weights "
+          f"{metrics['macs'] / 1e6:,.1f} M ({dense['macs'] / metrics['macs']:.2f}x fewer)")
     if schedule:
         what = f"global {args.target}" if args.method == "global" else "the targets above"
         print(f"gradual: finetune.py will raise the sparsity to {what} over the first "
-              f"{args.ramp:.0%} of its steps, recomputing the masks every {args.prune_every} steps")
-        metrics.update(val_acc=dense_metrics["val_acc"], test_acc=dense_metrics["test_acc"])
+              f"{args.ramp:.0%} of its steps, recomputing the masks every {plural(args.prune_every, 'step')}")
+        # The model saved is the source's, unchanged until finetune.py prunes it.
+        metrics.update(val_acc=ckpt["metrics"]["val_acc"], test_acc=ckpt["metrics"]["test_acc"])
     else:
         loaders = load_data_for(ckpt, args, device)
         metrics.update(val_acc=evaluate(model, loaders["val"]), test_acc=evaluate(model, loaders["test"]))
         print(f"before finetuning: val {metrics['val_acc']:.2f}% | test {metrics['test_acc']:.2f}% "
-              f"(dense: val {metrics['dense_val_acc']:.2f}% | test {metrics['dense_test_acc']:.2f}%)")
+              f"(dense: val {dense['val_acc']:.2f}% | test {dense['test_acc']:.2f}%)")
         export_path = ckpt_dir / "pruned.sparse.pt"
         metrics.update(export_with_report(model, pruner.masks, ckpt["config"], export_path,
-                                          metrics["dense_checkpoint_bytes"], args.export_dtype))
+                                          dense["checkpoint_bytes"], args.export_dtype))
         if args.export_dtype != "float32":
             metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], metrics["test_acc"])
     plot = plot_weights(model, plot_dir / "weights.png")
-    path = save_checkpoint({"model": model.state_dict(), "stage": "pruned", "config": ckpt["config"],
-                            "metrics": metrics, "history": ckpt["history"], "args": run_args(args),
-                            "split": ckpt["split"], "masks": pruner.state_dict(),
-                            "sparsity": plan, "schedule": schedule}, ckpt_dir / "pruned.pt")
-    print(f"overall sparsity of the prunable weights {overall:.2%} | saved {path} and {plot}")
-    return metrics
+    out = make_checkpoint("pruned", model, metrics, args, source=ckpt, carry=carry, masks=pruner.state_dict(),
+                          sparsity=plan, schedule=schedule)
+    path = save_checkpoint(out, ckpt_dir / "pruned.pt")
+    print(f"overall sparsity of the prunable weights {metrics['sparsity']:.2%} | saved {path} and {plot}")
+    return out["metrics"]
 
 
 if __name__ == "__main__":

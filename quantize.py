@@ -1,7 +1,7 @@
 """K-means weight sharing of the pruned, finetuned model (Deep Compression's second step).
 
-    python quantize.py                       # BITS below: 4 bits for every layer
-    python quantize.py --bits 3 --epochs 3 --data-dir ../shared/datasets/cifar10-jpeg
+    python quantize.py                       # 4 bits for every layer (BITS in quantize.py)
+    python quantize.py --bits 3 --epochs 3
 
 Per prunable tensor, the nonzero weights are clustered into at most 2^bits shared
 values by k-means (exact 1-D, or with --init linear Deep Compression's linearly spaced
@@ -21,9 +21,9 @@ from data import load_data_for
 from export import export_with_report
 from model import build_model_from_checkpoint
 from prune import SPARSITY, get_prunable_names
-from train import check_args, fit, get_args_parser, resumed_args
-from utils import (MiB, UserError, cli, ensure_writable, evaluate, get_device,
-                   load_checkpoint, run_args, save_checkpoint, set_seed)
+from train import RUN_FLAGS, fit, get_args_parser, resumed_args
+from utils import (MiB, UserError, cli, ensure_writable, evaluate, get_device, int_in, load_checkpoint,
+                   make_checkpoint, measure, plural, save_checkpoint, set_seed)
 
 # Bits per shared value, layer by layer: at most 2**bits distinct nonzero weights.
 BITS = {name: 4 for name in SPARSITY}
@@ -108,7 +108,6 @@ class KMeansQuantizer:
 
     def __init__(self, model, bits, init="exact"):
         params = dict(model.named_parameters())
-        self.bits = dict(bits)
         self.codebooks = {name: k_means_quantize(params[name], b, init=init) for name, b in bits.items()}
 
     @torch.no_grad()
@@ -155,7 +154,7 @@ def get_quantize_args_parser():
     parser.set_defaults(batch_size=256)
     add = parser.add_argument
     add("--checkpoint", default=None, help="model to quantize (default: <checkpoint-dir>/finetuned.pt)")
-    add("--bits", type=int, default=None, metavar="N",
+    add("--bits", type=int_in(1, 8), default=None, metavar="N",
         help="bits per shared value for every prunable layer, 1 to 8 (default: the BITS dict, 4 bits)")
     add("--init", default="exact", choices=("exact", "linear"),
         help="k-means: exact 1-D (better accuracy), or Deep Compression's linearly spaced start "
@@ -166,12 +165,12 @@ def get_quantize_args_parser():
 def main(args):
     ckpt_dir = ensure_writable(args.checkpoint_dir)
     state_path = ckpt_dir / "quantized.resume.pt"
-    args = resumed_args(args, state_path)
-    if args.bits is not None and not 1 <= args.bits <= 8:
-        raise UserError(f"--bits must be an integer from 1 to 8, got {args.bits}")
-    check_args(args)
+    args = resumed_args(args, state_path, flags=(*RUN_FLAGS, "bits", "init"))
     source = args.checkpoint or ckpt_dir / "finetuned.pt"
     ckpt = load_checkpoint(source, stages=("finetuned", "pruned"))
+    if ckpt["stage"] == "pruned" and ckpt.get("schedule"):
+        raise UserError(f"{source} was pruned with --gradual, so its masks are applied only while "
+                        "finetuning: run `python finetune.py` first and quantize its finetuned.pt")
     device = get_device(args.device)
     set_seed(args.seed)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
@@ -179,14 +178,13 @@ def main(args):
     bits = {name: args.bits for name in names} if args.bits is not None else BITS
     check_bits(bits, names)
     loaders = load_data_for(ckpt, args, device, train=True)
-    metrics = ckpt["metrics"]
-    before = {"val_acc": evaluate(model, loaders["val"]), "test_acc": evaluate(model, loaders["test"])}
+    before, dense = ckpt["metrics"], ckpt["metrics"]["dense"]
 
     quantizer = KMeansQuantizer(model, bits, args.init)
     shared = {"val_acc": evaluate(model, loaders["val"]), "test_acc": evaluate(model, loaders["test"])}
     print(f"k-means weight sharing ({min(bits.values())} to {max(bits.values())} bits): val "
           f"{before['val_acc']:.2f}% -> {shared['val_acc']:.2f}% | test {before['test_acc']:.2f}% -> "
-          f"{shared['test_acc']:.2f}%; now training the codebooks for {args.epochs} epochs")
+          f"{shared['test_acc']:.2f}%; now training the codebooks for {plural(args.epochs, 'epoch')}")
 
     def report(history):
         entry = history[-1]
@@ -194,31 +192,27 @@ def main(args):
               f"({entry['seconds']:.0f} s)")
 
     history = fit(model, loaders, args, state_path, on_epoch=report, pruner=quantizer, desc="codebook")
-    trained = {"val_acc": history[-1]["val_acc"], "test_acc": evaluate(model, loaders["test"])}
     masks = {name: c.labels >= 0 for name, c in quantizer.codebooks.items()}
-    dense_bits, q_bits = metrics["dense_size_bits"], quantized_size(model, bits)
     export_path = ckpt_dir / "quantized.sparse.pt"
-    figures = export_with_report(model, masks, ckpt["config"], export_path, metrics["dense_checkpoint_bytes"],
-                                 shared=True)
-    out = {**metrics, **figures, "val_acc": trained["val_acc"], "test_acc": trained["test_acc"],
-           "finetuned_val_acc": before["val_acc"], "finetuned_test_acc": before["test_acc"],
-           "shared_val_acc": shared["val_acc"], "shared_test_acc": shared["test_acc"],
-           "quantized_size_bits": q_bits, "bits": bits}
-    path = save_checkpoint({"model": model.state_dict(), "stage": "quantized", "config": ckpt["config"],
-                            "metrics": out, "history": history, "args": run_args(args), "split": ckpt["split"],
-                            "masks": {k: v.cpu() for k, v in masks.items()}, "sparsity": ckpt["sparsity"],
-                            "bits": bits}, ckpt_dir / "quantized.pt")
+    metrics = {"val_acc": history[-1]["val_acc"], "test_acc": evaluate(model, loaders["test"]),
+               **measure(model), "size_bits": quantized_size(model, bits),
+               "shared_val_acc": shared["val_acc"], "shared_test_acc": shared["test_acc"],
+               **export_with_report(model, masks, ckpt["config"], export_path, dense["checkpoint_bytes"],
+                                    shared=True)}
+    out = make_checkpoint("quantized", model, metrics, args, source=ckpt, history=history,
+                          masks={k: v.cpu() for k, v in masks.items()}, sparsity=ckpt["sparsity"], bits=bits)
+    path = save_checkpoint(out, ckpt_dir / "quantized.pt")
     state_path.unlink(missing_ok=True)
     mib = 2 ** 20
-    print(f"\nOriginal model size: {dense_bits / MiB:.2f} MiB | test accuracy {metrics['dense_test_acc']:.2f}%")
-    print(f"Quantized model size: {q_bits / MiB:.3f} MiB (nonzeros x bits + codebooks + the rest) = "
-          f"{dense_bits / q_bits:.1f}x smaller")
-    print(f"On disk: dense.pt {metrics['dense_checkpoint_bytes'] / mib:.2f} MiB -> {export_path.name} "
-          f"{figures['export_bytes'] / mib:.3f} MiB ({metrics['dense_checkpoint_bytes'] / figures['export_bytes']:.1f}x)")
-    print(f"Test accuracy: dense {metrics['dense_test_acc']:.2f}% | finetuned {before['test_acc']:.2f}% | "
-          f"shared {shared['test_acc']:.2f}% | codebook trained {trained['test_acc']:.2f}% "
-          f"(val {trained['val_acc']:.2f}%) | saved {path}")
-    return out
+    print(f"\nOriginal model size: {dense['size_bits'] / MiB:.2f} MiB | test accuracy {dense['test_acc']:.2f}%")
+    print(f"Quantized model size: {metrics['size_bits'] / MiB:.3f} MiB (nonzeros x bits + codebooks + the rest) = "
+          f"{dense['size_bits'] / metrics['size_bits']:.1f}x smaller")
+    print(f"On disk: dense.pt {dense['checkpoint_bytes'] / mib:.2f} MiB -> {export_path.name} "
+          f"{metrics['export_bytes'] / mib:.3f} MiB ({dense['checkpoint_bytes'] / metrics['export_bytes']:.1f}x)")
+    print(f"Test accuracy: dense {dense['test_acc']:.2f}% | {ckpt['stage']} {before['test_acc']:.2f}% | "
+          f"shared {shared['test_acc']:.2f}% | codebook trained {metrics['test_acc']:.2f}% "
+          f"(val {metrics['val_acc']:.2f}%) | saved {path}")
+    return out["metrics"]
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ import torch
 from data import Loader, load_data_for
 from model import build_model_from_checkpoint
 from prune import fine_grained_prune, get_prunable_names
-from utils import (MiB, UserError, add_common_args, autocast, cli, ensure_writable, evaluate,
-                   format_table, get_device, get_model_size, load_checkpoint, progress, save_figure,
-                   tta_views, write_json)
+from utils import (MiB, add_common_args, autocast, cli, ensure_writable, evaluate, format_table,
+                   fraction_in, fraction_list, get_device, get_model_size, load_checkpoint,
+                   nonnegative_float, positive_int, progress, pyplot, save_figure, short_name, tta_views,
+                   write_json)
 
 DEFAULT_SPARSITIES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -59,7 +60,7 @@ def sensitivity_scan(model, loader, sparsities=DEFAULT_SPARSITIES, names=None, s
         for w, sparsity in zip(pruned, sparsities):
             fine_grained_prune(w, sparsity)
         correct = torch.zeros(len(sparsities), dtype=torch.long, device=loader.device)
-        bar.set_postfix_str(name.replace("backbone.", ""))
+        bar.set_postfix_str(short_name(name))
         try:
             for x, y in loader:
                 with autocast(loader.device):
@@ -124,23 +125,9 @@ def drop_for_target(dense_acc, sparsities, accuracies, num_parameters, target):
     return None
 
 
-def parse_sparsities(text):
-    """'0.4,0.5' -> (0.4, 0.5), each checked to lie in [0, 1]."""
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"--sparsities takes comma-separated numbers, got {text!r}") from None
-    if not values or any(not 0 <= v <= 1 for v in values):
-        raise UserError(f"--sparsities must be numbers in [0, 1], got {text!r}")
-    return tuple(sorted(set(values)))
-
-
 def plot_sensitivity(result, suggestion, path):
     """One panel per layer: accuracy against sparsity, the dense accuracy and the allowed drop."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     dense, drop, sparsities = result["dense_acc"], result["max_drop"], result["sparsities"]
     names = list(result["accuracy"])
     cols = 6
@@ -157,7 +144,7 @@ def plot_sensitivity(result, suggestion, path):
             ax.axvline(suggestion[name], color="tab:green", lw=0.8, alpha=0.6)
         low = min(min(accs), dense - 2 * drop)
         ax.set_ylim(max(0, low - 0.1 * (dense - low) - 0.5), min(100, dense + 0.15 * (dense - low) + 0.5))
-        ax.set_title(f"{name.replace('backbone.', '').replace('.weight', '')} "
+        ax.set_title(f"{short_name(name)} "
                      f"({result['num_parameters'][name]:,})\nsuggested {suggestion[name]:.2f}", fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -176,11 +163,8 @@ def plot_sensitivity(result, suggestion, path):
 
 def plot_parameters(num_parameters, path):
     """Horizontal bars: parameter count per prunable layer."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n.replace("backbone.", "").replace(".weight", "") for n in num_parameters]
+    plt = pyplot()
+    names = [short_name(n) for n in num_parameters]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1))
     ax.barh(names[::-1], list(num_parameters.values())[::-1], color="tab:blue")
     for i, v in enumerate(list(num_parameters.values())[::-1]):
@@ -198,15 +182,15 @@ def get_args_parser():
     add_common_args(parser, plots=True)
     add = parser.add_argument
     add("--checkpoint", default=None, help="model to scan (default: <checkpoint-dir>/dense.pt)")
-    add("--sparsities", default=",".join(map(str, DEFAULT_SPARSITIES)),
-        help="comma-separated sparsities to try per layer (default: %(default)s)")
-    add("--scan-size", type=int, default=None, metavar="N",
+    add("--sparsities", type=fraction_list, default=DEFAULT_SPARSITIES,
+        help="comma-separated sparsities to try per layer (default: %s)" % ",".join(map(str, DEFAULT_SPARSITIES)))
+    add("--scan-size", type=positive_int, default=None, metavar="N",
         help="use only N validation images: faster, noisier (default: all)")
-    add("--max-drop", type=float, default=1.0,
+    add("--max-drop", type=nonnegative_float, default=1.0,
         help="accuracy points a layer may lose at its suggested sparsity. Layers are scanned "
              "one at a time, so the drops add up when all are pruned together; finetuning wins "
              "most of it back (default: %(default)s)")
-    add("--target-sparsity", type=float, default=None, metavar="FRACTION",
+    add("--target-sparsity", type=fraction_in(True, False), default=None, metavar="FRACTION",
         help="instead of --max-drop, use the smallest drop whose suggestion removes at least "
              "this fraction of all prunable weights, e.g. 0.8 (default: off)")
     return parser
@@ -214,13 +198,7 @@ def get_args_parser():
 
 def main(args):
     ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
-    sparsities = parse_sparsities(args.sparsities)
-    if args.max_drop < 0:
-        raise UserError(f"--max-drop is in accuracy points and must be >= 0, got {args.max_drop}")
-    if args.target_sparsity is not None and not 0 < args.target_sparsity <= 1:
-        raise UserError(f"--target-sparsity is a fraction in (0, 1], got {args.target_sparsity}")
-    if args.scan_size is not None and args.scan_size <= 0:
-        raise UserError(f"--scan-size must be a positive number of images, got {args.scan_size}")
+    sparsities = args.sparsities
     ckpt = load_checkpoint(args.checkpoint or ckpt_dir / "dense.pt", stages=("dense", "finetuned"))
     device = get_device(args.device)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
@@ -269,7 +247,7 @@ def main(args):
     print("SPARSITY = {\n" + "".join(f"    {n!r}: {s},\n" for n, s in suggestion.items()) + "}")
     print(f"It would give {sparse_bits / MiB:.2f} MiB from {dense_bits / MiB:.2f} MiB "
           f"({dense_bits / sparse_bits:.2f}x smaller) | plots: {', '.join(map(str, plots))}")
-    return {"dense_acc": dense_acc, "suggestion": suggestion, "sparse_size_bits": sparse_bits}
+    return {"dense_acc": dense_acc, "suggestion": suggestion, "size_bits": sparse_bits}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train the dense network on CIFAR-10 and save checkpoints/dense.pt.
 
     python train.py                                   # width 1.0, 50 epochs: GPU-sized
-    python train.py --width 0.25 --epochs 10 --data-dir ../shared/datasets/cifar10-jpeg
+    python train.py --width 0.25 --epochs 10
 
 The recipe: conv0 starts as a whitening filter bank of the training patches and the
 other plain convs as partial identities; SGD with Nesterov momentum, a linear warm-up
@@ -23,8 +23,9 @@ from tqdm import tqdm
 from data import get_datasets, make_loaders
 from model import build_model
 from utils import (TTA, Interrupted, UserError, add_common_args, autocast, cli, ensure_writable,
-                   evaluate, get_device, load_checkpoint, model_summary, progress, run_args,
-                   save_checkpoint, set_seed)
+                   evaluate, fraction, fraction_in, get_device, int_in, load_checkpoint, make_checkpoint,
+                   measure, model_summary, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                   progress, run_args, save_checkpoint, seed_int, set_seed)
 
 # Flags that define a run: a resumed run takes them from the saved state.
 RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "bias_lr_scale", "momentum", "weight_decay",
@@ -32,47 +33,51 @@ RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "bias_lr_scale", "momentum", 
              "train_subset", "val_size", "whiten", "dirac")
 
 
-def get_args_parser(description=__doc__, epochs=50, lr=0.05, plots=False):
-    """train.py's flags; finetune.py reuses them with its own defaults."""
+def get_args_parser(description=__doc__, epochs=50, lr=0.05, plots=False, resume=True):
+    """train.py's flags; finetune.py, quantize.py and frontier.py reuse them with their own defaults."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, plots)
     add = parser.add_argument
-    add("--seed", type=int, default=0, help="seed for init, split and augmentation (default: %(default)s)")
-    add("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
-    add("--batch-size", type=int, default=128, help="training batch size (default: %(default)s)")
-    add("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
-    add("--bias-lr-scale", type=float, default=16.0,
+    add("--seed", type=seed_int, default=0, help="seed for init, split and augmentation (default: %(default)s)")
+    add("--epochs", type=positive_int, default=epochs, help="training epochs (default: %(default)s)")
+    add("--batch-size", type=positive_int, default=128, help="training batch size (default: %(default)s)")
+    add("--lr", type=positive_float, default=lr, help="peak learning rate (default: %(default)s)")
+    add("--bias-lr-scale", type=positive_float, default=16.0,
         help="biases (BatchNorm shifts, classifier bias) learn at this times --lr; the conv "
              "weights ahead of a BatchNorm only change direction, the biases need bigger "
              "steps (default: %(default)s)")
-    add("--momentum", type=float, default=0.9, help="Nesterov momentum (default: %(default)s)")
-    add("--weight-decay", type=float, default=5e-4,
+    add("--momentum", type=fraction_in(False, True), default=0.9,
+        help="Nesterov momentum, in [0, 1) (default: %(default)s)")
+    add("--weight-decay", type=nonnegative_float, default=5e-4,
         help="L2 on conv/linear weights; BatchNorm and biases get none (default: %(default)s)")
-    add("--label-smoothing", type=float, default=0.2, help="(default: %(default)s)")
-    add("--translate", type=int, default=2,
+    add("--label-smoothing", type=fraction, default=0.2,
+        help="share of each target's probability spread evenly over the 10 classes, in [0, 1] "
+             "(default: %(default)s)")
+    add("--translate", type=int_in(0, 31), default=2,
         help="random translation of training images by up to this many pixels, the "
              "uncovered edge filled by reflection (default: %(default)s)")
-    add("--low-res-epochs", type=int, default=0, metavar="N",
+    add("--low-res-epochs", type=nonnegative_int, default=0, metavar="N",
         help="train the first N epochs on images scaled down to --low-res pixels (at 24, "
              "about 0.6x the time of a full-size epoch on a CPU; on a GPU a batch-128 step "
              "costs the same either way); later epochs use full size (default: %(default)s)")
-    add("--low-res", type=int, default=24, help="side of the low-res images (default: %(default)s)")
-    add("--warmup", type=float, default=0.2,
-        help="fraction of steps spent warming the lr up from 0; it then decays linearly "
-             "to 0 (default: %(default)s)")
-    add("--train-subset", type=int, default=None, metavar="N",
+    add("--low-res", type=int_in(8, 32), default=24, help="side of the low-res images, 8 to 32 (default: %(default)s)")
+    add("--warmup", type=fraction_in(False, True), default=0.2,
+        help="fraction of steps spent warming the lr up from 0, in [0, 1); it then decays "
+             "linearly to 0 (default: %(default)s)")
+    add("--train-subset", type=positive_int, default=None, metavar="N",
         help="train on only N images of the training split, for quick runs (default: all)")
-    add("--resume", action="store_true",
-        help="continue the interrupted run from its last saved epoch")
+    if resume:
+        add("--resume", action="store_true",
+            help="continue the interrupted run from its last saved epoch")
     return parser
 
 
 def get_train_args_parser():
     parser = get_args_parser()
-    parser.add_argument("--width", type=float, default=1.0,
+    parser.add_argument("--width", type=positive_float, default=1.0,
                         help="channel multiplier; 0.25 suits a CPU (default: %(default)s)")
-    parser.add_argument("--val-size", type=int, default=5000,
+    parser.add_argument("--val-size", type=nonnegative_int, default=5000,
                         help="training images held out for validation (default: %(default)s)")
     parser.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=True,
                         help="start conv0 as a whitening filter bank of the training patches "
@@ -80,26 +85,10 @@ def get_train_args_parser():
     parser.add_argument("--dirac", action=argparse.BooleanOptionalAction, default=True,
                         help="start the other plain convs as identities on their first channels "
                              "(default: %(default)s)")
-    parser.add_argument("--val-every", type=int, default=5, metavar="N",
+    parser.add_argument("--val-every", type=positive_int, default=5, metavar="N",
                         help="validate every N epochs and after the last; each pass costs "
                              "4 forward passes per validation image (default: %(default)s)")
     return parser
-
-
-def check_args(args):
-    """Refuse nonsensical numbers before any work starts."""
-    if args.epochs <= 0:
-        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if not 0 <= args.warmup < 1:
-        raise UserError(f"--warmup is a fraction in [0, 1), got {args.warmup}")
-    if args.bias_lr_scale <= 0:
-        raise UserError(f"--bias-lr-scale must be positive, got {args.bias_lr_scale}")
-    if getattr(args, "val_every", 1) <= 0:
-        raise UserError(f"--val-every must be at least 1, got {args.val_every}")
-    if args.train_subset is not None and args.train_subset <= 0:
-        raise UserError(f"--train-subset must be a positive number of images, got {args.train_subset}")
 
 
 @torch.no_grad()
@@ -196,7 +185,7 @@ def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoc
     optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.bias_lr_scale)
     scheduler = build_scheduler(optimizer, args.epochs * len(loaders["train"]), args.warmup)
     history, start = [], 0
-    if args.resume:
+    if getattr(args, "resume", False):  # frontier.py has no --resume: it resumes per point
         state = load_checkpoint(state_path, stages=("resume",))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -237,14 +226,14 @@ def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoc
     return history
 
 
-def resumed_args(args, state_path):
-    """On --resume, the run's defining flags come from the saved state, not the command line."""
+def resumed_args(args, state_path, flags=RUN_FLAGS):
+    """On --resume, the run's defining `flags` come from the saved state, not the command line."""
     if not args.resume:
         return args
     if not Path(state_path).is_file():
         raise UserError(f"--resume: no saved state at {state_path}; start the run without --resume")
     saved = load_checkpoint(state_path, stages=("resume",))["args"]
-    for flag in RUN_FLAGS:
+    for flag in flags:
         if flag in saved:
             setattr(args, flag, saved[flag])
     return args
@@ -261,7 +250,6 @@ def main(args):
     ckpt_dir = ensure_writable(args.checkpoint_dir)
     state_path = ckpt_dir / "dense.resume.pt"
     args = resumed_args(args, state_path)
-    check_args(args)
     device = get_device(args.device)
     set_seed(args.seed)
     datasets, split = get_datasets(args.data_dir, args.val_size, args.seed, args.train_subset)
@@ -278,13 +266,11 @@ def main(args):
     t0 = time.perf_counter()
     history = fit(model, loaders, args, state_path, on_epoch=print_epoch, val_every=args.val_every)
     test_acc = evaluate(model, loaders["test"])
-    metrics = {"val_acc": history[-1]["val_acc"], "test_acc": test_acc,
+    metrics = {"val_acc": history[-1]["val_acc"], "test_acc": test_acc, **measure(model, sparse=False),
                "train_seconds": sum(h["seconds"] for h in history),
                "wall_seconds": time.perf_counter() - t0}
-    path = save_checkpoint({"model": model.state_dict(), "stage": "dense",
-                            "config": {"width": args.width, "num_classes": 10},
-                            "metrics": metrics, "history": history, "args": run_args(args),
-                            "split": split}, ckpt_dir / "dense.pt")
+    path = save_checkpoint(make_checkpoint("dense", model, metrics, args, history=history, split=split,
+                                           config={"width": args.width, "num_classes": 10}), ckpt_dir / "dense.pt")
     state_path.unlink(missing_ok=True)
     print(f"test accuracy {test_acc:.2f}% ({TTA}) | val {metrics['val_acc']:.2f}% | "
           f"train time {metrics['train_seconds']:.0f} s | saved {path}")

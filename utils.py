@@ -1,7 +1,9 @@
 """Shared helpers: device, seeding, autocast, evaluation, size/sparsity/MACs
 accounting (named as in the MIT HAN Lab EfficientML course), atomic checkpoints
 and the command-line wrapper that turns user errors into one line on stderr."""
+import argparse
 import json
+import math
 import os
 import random
 import secrets
@@ -28,6 +30,84 @@ class UserError(Exception):
 class Interrupted(UserError):
     """Ctrl-C, reported with where the last good state was saved."""
     exit_code = 130
+
+
+# ---------------------------------------------------------------- flags
+
+def _number(kind, text, ok, allowed):
+    """argparse type helper: parse `text` as `kind`, refuse it unless ok(value)."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    return _number(int, text, lambda v: v >= 1, "an integer of 1 or more")
+
+
+def nonnegative_int(text):
+    return _number(int, text, lambda v: v >= 0, "an integer of 0 or more")
+
+
+def seed_int(text):
+    return _number(int, text, lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1")
+
+
+def positive_float(text):
+    return _number(float, text, lambda v: v > 0, "a number above 0")
+
+
+def nonnegative_float(text):
+    return _number(float, text, lambda v: v >= 0, "a number of 0 or more")
+
+
+def is_fraction(value):
+    """True for a real number (not a bool) in [0, 1], such as a sparsity."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 1
+
+
+def fraction(text):
+    """A number in [0, 1], such as a sparsity."""
+    return _number(float, text, is_fraction, "a fraction in [0, 1]")
+
+
+def fraction_list(text):
+    """'0.9,0.5,0.9' -> (0.5, 0.9): comma-separated fractions, sorted, each once."""
+    try:
+        values = tuple(fraction(v.strip()) for v in text.split(",") if v.strip())
+    except argparse.ArgumentTypeError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be comma-separated fractions in [0, 1], got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def int_in(low, high):
+    """An argparse type for an integer in [low, high]."""
+    def parse(text):
+        return _number(int, text, lambda v: low <= v <= high, f"an integer from {low} to {high}")
+    parse.__name__ = f"int_in_{low}_{high}"
+    return parse
+
+
+def fraction_in(low_open, high_open):
+    """An argparse type for a fraction in [0, 1], either end open when asked."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
+    def parse(text):
+        return _number(float, text, lambda v: (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1),
+                       f"a fraction in {left}0, 1{right}")
+    parse.__name__ = f"fraction_{left}{right}"
+    return parse
+
+
+def plural(count, noun):
+    """'1 epoch', '3 epochs'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 # ---------------------------------------------------------------- device
@@ -146,15 +226,18 @@ def get_model_macs(model, inputs):
 # ---------------------------------------------------------------- files
 
 def ensure_writable(folder):
-    """Create `folder` and prove it can be written, before any long work starts."""
+    """Prove `folder` can be written, before any long work starts, without creating it: a
+    run that fails leaves no empty folder behind. The folder is made when a file is written."""
     folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a file is in the way")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UserError(f"cannot write to {folder}/ ({e.strerror}): choose another folder "
-                        "with --checkpoint-dir / --plot-dir") from None
+        raise UserError(f"cannot write to {folder}/ ({e.strerror} at {existing}): choose another "
+                        "folder with --checkpoint-dir / --plot-dir / --out") from None
     return folder
 
 
@@ -163,7 +246,7 @@ def atomic_write(path, write):
     a crash or Ctrl-C mid-write leaves the previous file intact. The file gets the
     permissions the umask gives any new file (mkstemp's would be 0600)."""
     path = Path(path)
-    ensure_writable(path.parent)
+    ensure_writable(path.parent).mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -188,37 +271,114 @@ def write_json(obj, path):
     return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-MADE_BY = {"dense": "train.py", "pruned": "prune.py", "finetuned": "finetune.py"}
+def read_json(path, what, fix):
+    """A JSON file -> its value; a missing, unreadable or invalid file is one UserError
+    naming `what` it should be and how to `fix` it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not {what}: {fix}") from None
+    except FileNotFoundError:
+        raise UserError(f"{path} not found ({what}): {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path} ({what}): {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        empty = "is empty" if not text.strip() else f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+        raise UserError(f"{path} {empty}; it should be {what}: {fix}") from None
+
+
+# What makes each stage's checkpoint, as advice to a user who lacks one.
+MADE_BY = {"dense": "run `python train.py` first", "pruned": "run `python prune.py` first",
+           "finetuned": "run `python finetune.py` first", "quantized": "run `python quantize.py` first",
+           "export": "run `python finetune.py` or `python quantize.py` first",
+           "resume": "start the run without --resume"}
+STAGES = ("dense", "pruned", "finetuned", "quantized")  # the chain, in order
+
+
+def describe_load_error(path, error):
+    """Why torch.load could not read `path`, in words."""
+    head = path.read_bytes()[:4] if path.stat().st_size else b""
+    if not head:
+        return "the file is empty"
+    if head != b"PK\x03\x04":
+        return "it is not a file written by torch.save (no zip archive at its start)"
+    text = str(error)
+    if "Weights only load failed" in text:
+        return "it holds objects other than tensors and plain values, which weights_only loading refuses"
+    return f"it is truncated or corrupted ({type(error).__name__}: {text.strip().splitlines()[0][:100] if text.strip() else 'no detail'})"
 
 
 def load_checkpoint(path, stages=("dense", "pruned", "finetuned")):
     """Load a checkpoint dict with weights_only=True (it cannot run code), checking
     that its stage is one of `stages`."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a checkpoint: point --checkpoint at a .pt file")
     if not path.is_file():
-        raise UserError(f"{path} not found: run `python {MADE_BY[stages[0]]}` first, "
-                        "or point --checkpoint at an existing file")
+        raise UserError(f"{path} not found: {MADE_BY[stages[0]]}, or point --checkpoint at an existing file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupted, or holding "
-                        f"code that weights_only loading refuses): {reason}") from None
+        raise UserError(f"{path} is not a readable checkpoint: {describe_load_error(path, e)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "stage" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this repo (no model/stage entries)")
     if ckpt["stage"] not in stages:
         wanted = " or ".join(repr(s) for s in stages)
         raise UserError(f"{path} is a {ckpt['stage']!r} checkpoint, but this script needs "
-                        f"{wanted}: run `python {MADE_BY[stages[0]]}` first")
+                        f"{wanted}: {MADE_BY[stages[0]]}")
+    metrics = ckpt.get("metrics", {})
+    if ckpt["stage"] in STAGES and not (
+            {"val_acc", "test_acc", "size_bits", "macs"} <= set(metrics)
+            and (ckpt["stage"] == "dense" or "checkpoint_bytes" in metrics.get("dense", {}))):
+        raise UserError(f"{path} was written by an older version of this repo (its metrics lack "
+                        "this version's fields): run the chain again from train.py")
     return ckpt
+
+
+def earlier_metrics(ckpt, **extra):
+    """What a later stage carries forward of `ckpt`: {stage: that stage's own figures} for
+    `ckpt`'s stage (with `extra` added) and each stage before it."""
+    metrics = ckpt.get("metrics", {})
+    own = {k: v for k, v in metrics.items() if k not in STAGES}
+    return {**{k: v for k, v in metrics.items() if k in STAGES}, ckpt["stage"]: {**own, **extra}}
+
+
+def make_checkpoint(stage, model, metrics, args, source=None, carry=None, config=None, split=None,
+                    history=None, **fields):
+    """The one way a checkpoint dict is built (docs/checkpoints.md): `metrics` describe the
+    model saved here; each earlier stage's figures come from `source` (the checkpoint this
+    one was made from) under that stage's name, the source's own with `carry` added.
+    config, split and history default to the source's; `fields` are stage-specific
+    entries (masks, sparsity, schedule, bits)."""
+    earlier = earlier_metrics(source, **(carry or {})) if source is not None else {}
+    return {"stage": stage, "model": model.state_dict(),
+            "config": config if config is not None else source["config"],
+            "metrics": {**metrics, **earlier},
+            "history": history if history is not None else source["history"],
+            "args": run_args(args), "split": split if split is not None else source["split"], **fields}
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: plots are files, no window is opened."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def short_name(name):
+    """'backbone.conv1.weight' -> 'conv1', for plot labels."""
+    return name.removeprefix("backbone.").removesuffix(".weight")
 
 
 def save_figure(fig, path):
     """Save a matplotlib figure atomically-enough (tight, 120 dpi) and close it."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
-    ensure_writable(path.parent)
+    ensure_writable(path.parent).mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -226,7 +386,12 @@ def save_figure(fig, path):
 
 def cli(main, parser, argv=None):
     """Run `main(parser.parse_args(argv))`; a UserError ends as one line on stderr and
-    a non-zero exit, never as a traceback."""
+    a non-zero exit, never as a traceback; so does a flag that fails its parse-time check."""
+    def one_line(message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = one_line  # argparse's own would print the whole usage text first
     args = parser.parse_args(argv)
     try:
         return main(args)
@@ -239,14 +404,15 @@ def cli(main, parser, argv=None):
         sys.exit(e.exit_code)
 
 
-def add_common_args(parser, plots=False):
+def add_common_args(parser, plots=False, checkpoints=True):
     """The flags every script shares: where data, checkpoints and plots live, and the device."""
     add = parser.add_argument
     add("--data-dir", default=DEFAULT_DATA_DIR,
         help="CIFAR-10 folder: cifar-10-batches-py, train/<class>/ image folders, or empty "
              "to download into (default: %(default)s)")
-    add("--checkpoint-dir", default="checkpoints",
-        help="where checkpoints are read and written (default: %(default)s)")
+    if checkpoints:
+        add("--checkpoint-dir", default="checkpoints",
+            help="where checkpoints are read and written (default: %(default)s)")
     if plots:
         add("--plot-dir", default="plots", help="where plots go (default: %(default)s)")
     add("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
@@ -274,6 +440,43 @@ def format_table(rows, headers):
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def get_prunable_sparsity(model):
+    """Fraction of zeros over all prunable tensors (dim > 1) together."""
+    prunable = [p for p in model.parameters() if p.dim() > 1]
+    return 1.0 - sum(int(p.count_nonzero()) for p in prunable) / sum(p.numel() for p in prunable)
+
+
+def get_sparse_macs(model, inputs):
+    """MACs of one forward pass that fall on nonzero weights (the dense count minus
+    the products with pruned weights)."""
+    positions = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: positions.__setitem__(
+        name, o[0].numel() // o.shape[1]))  # output positions per sample, per filter
+        for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    # A plain forward pass: under torchprofile's trace the shapes would be tensors.
+    was_training = model.training
+    with torch.no_grad():
+        model.eval()(inputs)
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    macs = get_model_macs(model, inputs)
+    for name, m in model.named_modules():
+        if name in positions:
+            macs -= (m.weight.numel() - int(m.weight.count_nonzero())) * positions[name]
+    return macs
+
+
+def measure(model, sparse=True):
+    """The figures every checkpoint gives of its own model: the sparsity of the prunable
+    weights, the computed size in bits (32 a stored parameter) and the MACs of one 32x32
+    image. A sparse model stores and multiplies only its nonzero weights, a dense one all."""
+    inputs = torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device)
+    return {"sparsity": get_prunable_sparsity(model),
+            "size_bits": get_model_size(model, count_nonzero_only=sparse),
+            "macs": get_sparse_macs(model, inputs) if sparse else get_model_macs(model, inputs)}
 
 
 def model_summary(model, device):

@@ -10,15 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench
+import export
 import finetune
 import frontier
 import prune
+import quantize
 import sensitivity
 import train
+from conftest import TINY_TRAIN
 from utils import cli, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_TRAIN = ["--width", "0.0625", "--val-size", "40", "--batch-size", "32", "--device", "cpu"]
 
 
 def run_cli(module, parser, argv, capsys):
@@ -28,92 +31,167 @@ def run_cli(module, parser, argv, capsys):
     return exit_info.value.code, capsys.readouterr().err
 
 
-def snapshot(folder):
-    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+def tree(folder):
+    """Every path under `folder` (folders too) with the bytes of each file."""
+    return {p: p.read_bytes() if p.is_file() else None for p in Path(folder).rglob("*")}
 
 
-@pytest.fixture(scope="module")
-def trained(image_folder, tmp_path_factory):
-    """A tiny dense + pruned checkpoint pair to feed bad arguments next to."""
-    ckpt = tmp_path_factory.mktemp("cli") / "ckpt"
-    common = ["--data-dir", str(image_folder), "--checkpoint-dir", str(ckpt)]
-    train.main(train.get_train_args_parser().parse_args([*common, *TINY_TRAIN, "--epochs", "1"]))
-    prune.main(prune.get_args_parser().parse_args([*common, "--plot-dir", str(ckpt.parent / "plots")]))
-    return ckpt
-
-
-def bad_json(tmp_path, text):
-    path = tmp_path / "s.json"
+def bad_json(tmp_path, text, name="s.json"):
+    path = tmp_path / name
     path.write_text(text)
     return str(path)
 
 
 BAD_INPUTS = [  # (script, extra args, what the one line must say)
-    ("prune", lambda t: ["--sparsity", bad_json(t, "{not json")], "not valid JSON"),
+    ("prune", lambda t: ["--sparsity", bad_json(t, "{not json")], "is not valid JSON"),
+    ("prune", lambda t: ["--sparsity", bad_json(t, "")], "is empty"),
+    ("prune", lambda t: ["--sparsity", bad_json(t, "[0.5]")], "maps layer names"),
     ("prune", lambda t: ["--sparsity", bad_json(t, '{"backbone.conv99.weight": 0.5}')], "unknown layer"),
     ("prune", lambda t: ["--sparsity", bad_json(t, '{"backbone.conv1.weight": 1.5}')], "number in [0, 1]"),
     ("prune", lambda t: ["--sparsity", bad_json(t, '{"backbone.conv1.weight": "high"}')], "number in [0, 1]"),
-    ("prune", lambda t: ["--sparsity", str(t / "missing.json")], "cannot read"),
+    ("prune", lambda t: ["--sparsity", str(t / "missing.json")], "not found"),
+    ("prune", lambda t: ["--sparsity", str(t)], "is a directory"),
     ("prune", lambda t: ["--checkpoint", str(t / "nope.pt")], "run `python train.py` first"),
+    ("prune", lambda t: ["--checkpoint", str(t)], "is a directory, not a checkpoint"),
     ("finetune", lambda t: ["--checkpoint", str(t / "nope.pt")], "run `python prune.py` first"),
     ("finetune", lambda t: ["--checkpoint", "{ckpt}/dense.pt"], "'dense' checkpoint"),
-    ("prune", lambda t: ["--checkpoint", bad_json(t, "garbage")], "not a readable checkpoint"),
+    ("prune", lambda t: ["--checkpoint", bad_json(t, "garbage")], "not a file written by torch.save"),
+    ("prune", lambda t: ["--checkpoint", bad_json(t, "")], "the file is empty"),
+    ("prune", lambda t: ["--checkpoint", "{ckpt}/finetuned.sparse.pt"], "not a file written by torch.save"),
     ("sensitivity", lambda t: ["--checkpoint", "{ckpt}/pruned.pt"], "'pruned' checkpoint"),
-    ("sensitivity", lambda t: ["--sparsities", "0.5,abc"], "comma-separated numbers"),
-    ("sensitivity", lambda t: ["--sparsities", "0.5,1.5"], "numbers in [0, 1]"),
+    ("sensitivity", lambda t: ["--sparsities", "0.5,abc"], "comma-separated fractions in [0, 1], got '0.5,abc'"),
+    ("sensitivity", lambda t: ["--sparsities", "0.5,1.5"], "comma-separated fractions in [0, 1]"),
+    ("sensitivity", lambda t: ["--sparsities", ","], "comma-separated fractions"),
     ("train", lambda t: ["--data-dir", str(t)], "is not a CIFAR-10 folder"),
-    ("train", lambda t: ["--epochs", "0"], "--epochs must be at least 1"),
-    ("train", lambda t: ["--train-subset", "-5"], "--train-subset must be a positive"),
     ("train", lambda t: ["--batch-size", "100000"], "larger than the"),
     ("train", lambda t: ["--val-size", "100000"], "--val-size"),
-    ("finetune", lambda t: ["--epochs", "0"], "--epochs must be at least 1"),
-    ("train", lambda t: ["--translate", "-1"], "--translate must be 0 or more"),
-    ("train", lambda t: ["--translate", "32"], "less than the image side"),
-    ("train", lambda t: ["--val-every", "0"], "--val-every must be at least 1"),
-    ("train", lambda t: ["--low-res", "40"], "--low-res between 8 and 32"),
-    ("finetune", lambda t: ["--low-res-epochs", "-1", "--batch-size", "16"],
-     "--low-res-epochs must be 0 or more"),
-    ("finetune", lambda t: ["--bias-lr-scale", "0"], "--bias-lr-scale must be positive"),
     ("train", lambda t: ["--checkpoint-dir", bad_json(t, "a file") + "/sub"], "cannot write"),
     ("prune", lambda t: ["--plot-dir", bad_json(t, "a file") + "/sub"], "cannot write"),
-    ("prune", lambda t: ["--method", "global", "--target", "1.5"], "a fraction in [0, 1]"),
-    ("prune", lambda t: ["--method", "uniform", "--target", "0.5", "--gradual", "--ramp", "0"],
-     "--ramp must be in (0, 1]"),
-    ("prune", lambda t: ["--method", "global", "--target", "0.5", "--gradual", "--prune-every", "0"],
-     "--prune-every at least 1"),
+    ("prune", lambda t: ["--method", "uniform"], "needs --target"),
     ("prune", lambda t: ["--method", "uniform", "--target", "0.5", "--sparsity", bad_json(t, "{}")],
      "--method uniform takes --target"),
-    ("frontier", lambda t: ["--sparsities", "0.5,2"], "numbers in [0, 1]"),
+    ("prune", lambda t: ["--method", "global", "--target", "0.9", "--exclude", "conv9"],
+     "no prunable tensor named 'conv9'"),
+    ("prune", lambda t: ["--target", "0.9"], "sensitivity.py --target-sparsity"),
     ("frontier", lambda t: ["--methods", "random"], "choose from uniform, global, scan"),
     ("frontier", lambda t: ["--checkpoint", "{ckpt}/pruned.pt"], "'pruned' checkpoint"),
+    ("frontier", lambda t: ["--methods", "scan", "--scan", bad_json(t, '{"dense_acc": 1}')], "not a scan"),
+    ("frontier", lambda t: ["--methods", "scan", "--scan", bad_json(t, "[1, 2")], "is not valid JSON"),
+    ("frontier", lambda t: ["--out", bad_json(t, '{"points": 3}')], "not a sweep written by frontier.py"),
+    ("frontier", lambda t: ["--out", bad_json(t, "")], "is empty"),
+    ("frontier", lambda t: ["--out", str(t)], "is a directory"),
+    ("quantize", lambda t: ["--checkpoint", "{ckpt}/dense.pt"], "run `python finetune.py` first"),
+]
+# Every numeric flag is checked when parsed: (scripts, flag, bad values, what is allowed)
+BAD_NUMBERS = [
+    (("train", "finetune", "quantize", "frontier"), "--epochs", ("0", "-1", "2.5", "ten"), "an integer of 1 or more"),
+    (("train", "finetune", "frontier"), "--batch-size", ("0", "-8"), "an integer of 1 or more"),
+    (("train", "finetune", "quantize"), "--lr", ("0", "-0.1", "nan", "inf"), "a number above 0"),
+    (("train", "frontier"), "--bias-lr-scale", ("0", "-1"), "a number above 0"),
+    (("train", "finetune"), "--momentum", ("1", "-0.1", "1.5"), "a fraction in [0, 1)"),
+    (("train", "finetune", "frontier"), "--weight-decay", ("-1e-4", "nan"), "a number of 0 or more"),
+    (("train", "finetune", "quantize"), "--label-smoothing", ("2", "-0.1"), "a fraction in [0, 1]"),
+    (("train", "finetune"), "--warmup", ("1", "-0.5"), "a fraction in [0, 1)"),
+    (("train", "frontier"), "--translate", ("-1", "32"), "an integer from 0 to 31"),
+    (("train", "finetune"), "--low-res-epochs", ("-1",), "an integer of 0 or more"),
+    (("train",), "--low-res", ("4", "40"), "an integer from 8 to 32"),
+    (("train", "finetune", "frontier"), "--train-subset", ("0", "-5"), "an integer of 1 or more"),
+    (("train", "finetune", "quantize"), "--seed", ("-1", "x"), "an integer from 0 to 2**32 - 1"),
+    (("train",), "--width", ("0", "-0.25", "nan"), "a number above 0"),
+    (("train",), "--val-size", ("-1",), "an integer of 0 or more"),
+    (("train",), "--val-every", ("0",), "an integer of 1 or more"),
+    (("prune", "frontier"), "--ramp", ("0", "1.5"), "a fraction in (0, 1]"),
+    (("prune", "frontier"), "--prune-every", ("0",), "an integer of 1 or more"),
+    (("prune",), "--target", ("1.5", "-0.1", "nan"), "a fraction in [0, 1]"),
+    (("sensitivity",), "--scan-size", ("0",), "an integer of 1 or more"),
+    (("sensitivity",), "--max-drop", ("-1",), "a number of 0 or more"),
+    (("sensitivity",), "--target-sparsity", ("0", "1.2"), "a fraction in (0, 1]"),
+    (("quantize",), "--bits", ("0", "9", "four"), "an integer from 1 to 8"),
+    (("frontier", "sensitivity"), "--sparsities", ("0.5,2", "x"), "comma-separated fractions in [0, 1]"),
+    (("bench",), "--steps", ("0",), "an integer of 1 or more"),
+    (("bench",), "--width", ("0",), "a number above 0"),
+    (("bench",), "--scan-images", ("-1",), "an integer of 0 or more"),
 ]
 PARSERS = {"train": (train, train.get_train_args_parser), "prune": (prune, prune.get_args_parser),
            "sensitivity": (sensitivity, sensitivity.get_args_parser),
            "finetune": (finetune, finetune.get_finetune_args_parser),
-           "frontier": (frontier, frontier.get_args_parser)}
+           "quantize": (quantize, quantize.get_quantize_args_parser),
+           "frontier": (frontier, frontier.get_args_parser), "bench": (bench, bench.get_args_parser),
+           "export": (export, export.get_args_parser)}
 
 
-@pytest.mark.parametrize("script,extra,message", BAD_INPUTS, ids=[f"{s}:{m}" for s, _, m in BAD_INPUTS])
-def test_bad_input_is_one_clear_line(script, extra, message, trained, image_folder, tmp_path, capsys):
-    (tmp_path / "junk.txt").write_text("not cifar")
-    module, parser = PARSERS[script]
-    argv = ["--data-dir", str(image_folder), "--checkpoint-dir", str(trained), "--device", "cpu"]
+def script_argv(script, ckpt, image_folder, tmp_path):
+    if script == "bench":
+        return ["--data-dir", str(image_folder), "--device", "cpu"]
+    argv = ["--data-dir", str(image_folder), "--checkpoint-dir", str(ckpt), "--device", "cpu"]
     if script == "train":
-        argv += TINY_TRAIN[:-2]
-    if script != "train":
+        argv += TINY_TRAIN
+    if "--plot-dir" in PARSERS[script][1]().format_help():
         argv += ["--plot-dir", str(tmp_path / "plots")]
-    argv += [a.replace("{ckpt}", str(trained)) for a in extra(tmp_path)]
-    before = snapshot(trained)
-    code, err = run_cli(module, parser(), argv, capsys)
+    return argv
+
+
+def assert_one_line(code, err, message):
     assert code != 0
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
-    assert snapshot(trained) == before
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("script,extra,message", BAD_INPUTS, ids=[f"{s}:{m}" for s, _, m in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(script, extra, message, chain, image_folder, tmp_path, capsys):
+    (tmp_path / "junk.txt").write_text("not cifar")
+    module, parser = PARSERS[script]
+    argv = script_argv(script, chain, image_folder, tmp_path)
+    argv += [a.replace("{ckpt}", str(chain)) for a in extra(tmp_path)]
+    before = tree(tmp_path)
+    code, err = run_cli(module, parser(), argv, capsys)
+    assert_one_line(code, err, message)
+    assert tree(tmp_path) == before  # no file changed, no folder left behind
+
+
+NUMBER_CASES = [(s, flag, v, allowed) for scripts, flag, values, allowed in BAD_NUMBERS
+                for s in scripts for v in values]
+
+
+@pytest.mark.parametrize("script,flag,value,allowed", NUMBER_CASES,
+                         ids=[f"{s}{f}={v}" for s, f, v, _ in NUMBER_CASES])
+def test_bad_numbers_are_refused_when_parsed(script, flag, value, allowed, tmp_path, capsys):
+    module, parser = PARSERS[script]
+    argv = ["--data-dir", str(tmp_path / "no-data"), "--device", "cpu", f"{flag}={value}"]
+    code, err = run_cli(module, parser(), argv, capsys)  # before any data is looked for
+    assert_one_line(code, err, f"argument {flag}: must be {allowed}, got '{value}'")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["train", "prune", "sensitivity", "finetune", "quantize", "frontier"])
+def test_a_failed_run_leaves_no_empty_folders(script, tmp_path, capsys):
+    """No dense.pt to start from, or no data: the error names it and creates nothing."""
+    module, parser = PARSERS[script]
+    argv = ["--data-dir", str(tmp_path / "data" / "cifar10"), "--checkpoint-dir", str(tmp_path / "a" / "ckpt"),
+            "--device", "cpu"]
+    if "--plot-dir" in parser().format_help():
+        argv += ["--plot-dir", str(tmp_path / "b" / "plots")]
+    if script == "train":  # no data and no internet: the download fails
+        argv += TINY_TRAIN
+    code, err = run_cli(module, parser(), argv, capsys)
+    assert code != 0 and err.startswith("error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_script_explains_itself(capsys):
+    for name, (module, parser) in PARSERS.items():
+        text = parser().format_help()
+        assert "default:" in text or name == "export", name
+        assert "--resume" not in text or name in ("train", "finetune", "quantize"), name
+        assert "below" not in text and "../shared" not in text, name
+        for action in parser()._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda_is_refused(trained, image_folder, capsys):
-    argv = ["--data-dir", str(image_folder), "--checkpoint-dir", str(trained), "--device", "cuda"]
+def test_cuda_without_cuda_is_refused(chain_dir, image_folder, capsys):
+    argv = ["--data-dir", str(image_folder), "--checkpoint-dir", str(chain_dir), "--device", "cuda"]
     code, err = run_cli(prune, prune.get_args_parser(), argv, capsys)
     assert code != 0 and "no CUDA" in err
 
@@ -123,11 +201,11 @@ def test_a_real_process_prints_no_traceback(tmp_path):
                              "--checkpoint-dir", str(tmp_path / "c"), "--epochs", "0"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: --epochs must be at least 1, got 0"
+    assert result.stderr.strip() == "error: argument --epochs: must be an integer of 1 or more, got '0' (see --help)"
 
 
 def test_interrupted_training_resumes_to_the_same_result(image_folder, tmp_path):
-    argv = ["--data-dir", str(image_folder), *TINY_TRAIN, "--epochs", "4", "--seed", "3"]
+    argv = ["--data-dir", str(image_folder), *TINY_TRAIN, "--device", "cpu", "--epochs", "4", "--seed", "3"]
     once = tmp_path / "once"
     train.main(train.get_train_args_parser().parse_args([*argv, "--checkpoint-dir", str(once)]))
 

@@ -1,47 +1,62 @@
-import numpy as np
+"""The compressed export: bit-exact, within a few hundred bytes of its information bound,
+and every bad file one clear error."""
+import json
+
 import pytest
 import torch
 
-from export import information_bound, load_sparse_export, rice_decode, rice_encode, save_sparse_export
+from export import MAGIC, information_bound, load_sparse_export, save_sparse_export
 from model import build_model
-from prune import SPARSITY, FineGrainedPruner
-from utils import UserError
+from prune import SPARSITY, FineGrainedPruner, allocate
+from quantize import BITS, KMeansQuantizer
+from utils import UserError, save_checkpoint
 
 CONFIG = {"width": 0.25, "num_classes": 10}
 
 
-def pruned_model(sparsity, seed=0):
+def pruned_model(sparsity, seed=0, width=0.25):
+    """A random model with trained-looking BatchNorm, pruned to `sparsity` ({name: s} or a
+    global target), -> (model, masks)."""
     torch.manual_seed(seed)
-    model = build_model(**CONFIG)
+    model = build_model(width)
     with torch.no_grad():  # BatchNorm statistics that are not the init values
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_var.uniform_(0.5, 2)
                 m.bias.normal_()
-    pruner = FineGrainedPruner(model, sparsity)
-    return model.eval(), pruner.masks
+    if not isinstance(sparsity, dict):
+        sparsity = allocate(model, "global", sparsity)
+    return model.eval(), FineGrainedPruner(model, sparsity).masks
 
 
-@pytest.mark.parametrize("positions", [[], [0], [5], [0, 1, 2, 3], [3, 100, 101, 5000], list(range(0, 999, 7))])
-def test_rice_code_round_trip(positions):
-    positions = np.array(positions, dtype=np.int64)
-    k, unary, remainder = rice_encode(positions)
-    assert np.array_equal(rice_decode(k, len(positions), unary, remainder), positions)
-
-
-@pytest.mark.parametrize("sparsity", [SPARSITY, {name: 0.9 for name in SPARSITY}])
-def test_round_trip_is_bit_exact_and_near_the_bound(tmp_path, sparsity):
-    model, masks = pruned_model(sparsity)
-    path = tmp_path / "m.sparse.pt"
-    size = save_sparse_export(model.state_dict(), masks, CONFIG, path)
-    loaded = load_sparse_export(path)
+def assert_same(model, loaded):
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(model(x), loaded(x))
+
+
+@pytest.mark.parametrize("sparsity", [SPARSITY, {name: 0.9 for name in SPARSITY}, {}])
+def test_round_trip_is_bit_exact_and_near_the_bound(tmp_path, sparsity):
+    model, masks = pruned_model(sparsity)
+    path = tmp_path / "m.sparse.pt"
+    size = save_sparse_export(model.state_dict(), masks, CONFIG, path)
+    assert_same(model, load_sparse_export(path))
     bound_bytes = information_bound(model, masks) / 8
-    assert size <= 1.10 * bound_bytes
-    assert size >= 0.99 * bound_bytes  # nobody beats the bound: the figure is honest
+    assert 0.999 * bound_bytes <= size <= 1.01 * bound_bytes  # nobody beats the bound: the figure is honest
+
+
+@pytest.mark.parametrize("target,shared", [(0.9, False), (0.95, False), (0.9, True), (0.95, True), (0.98, True)])
+def test_global_pruned_exports_stay_within_3_percent_of_their_bound(tmp_path, target, shared):
+    """The README's chain at width 0.25: one global threshold, then optionally 4-bit sharing."""
+    model, masks = pruned_model(target)
+    if shared:
+        KMeansQuantizer(model, BITS)
+        masks = {n: model.state_dict()[n] != 0 for n in BITS}
+    size = save_sparse_export(model.state_dict(), masks, CONFIG, tmp_path / "m.pt", shared=shared)
+    bound = information_bound(model, masks, shared=shared) / 8
+    assert bound <= size <= 1.03 * bound
+    assert_same(model, load_sparse_export(tmp_path / "m.pt"))
 
 
 def test_float16_export_halves_the_values(tmp_path):
@@ -54,17 +69,64 @@ def test_float16_export_halves_the_values(tmp_path):
     assert torch.allclose(loaded.state_dict()["backbone.conv5.weight"], w, rtol=1e-3, atol=1e-4)
 
 
-def test_corrupted_and_truncated_exports_are_clear_errors(tmp_path):
-    model, masks = pruned_model(SPARSITY)
+@pytest.fixture(params=[False, True], ids=["fp32", "shared"])
+def export_file(tmp_path, request):
+    model, masks = pruned_model(SPARSITY, width=0.0625)
+    if request.param:
+        KMeansQuantizer(model, BITS)
     path = tmp_path / "m.sparse.pt"
-    save_sparse_export(model.state_dict(), masks, CONFIG, path)
-    data = path.read_bytes()
-    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="truncated.pt"):
-        load_sparse_export(tmp_path / "truncated.pt")
-    # a checkpoint that loads, but whose coded mask no longer matches its values
-    entry = torch.load(path, weights_only=True)
-    entry["sparse"]["backbone.conv3.weight"]["count"] += 7
-    torch.save(entry, tmp_path / "corrupt.pt")
-    with pytest.raises(UserError, match="corrupted sparse export"):
-        load_sparse_export(tmp_path / "corrupt.pt")
+    save_sparse_export(model.state_dict(), masks, {"width": 0.0625, "num_classes": 10}, path, shared=request.param)
+    return path
+
+
+def header_of(data):
+    length = int.from_bytes(data[len(MAGIC):len(MAGIC) + 4], "little")
+    return json.loads(data[len(MAGIC) + 4:len(MAGIC) + 4 + length]), len(MAGIC) + 4 + length
+
+
+def rewrite_header(data, change):
+    """The same file with its JSON header changed by change(header) and its checksum kept valid."""
+    header, start = header_of(data)
+    change(header)
+    text = json.dumps(header).encode()
+    return MAGIC + len(text).to_bytes(4, "little") + text + data[start:]
+
+
+def flip_a_payload_byte(data):
+    _, start = header_of(data)
+    middle = (start + len(data)) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1:]
+
+
+def more_kept_weights(header):
+    counts = header["tensors"][3][3]
+    counts[0], counts[1] = counts[0] - 7, counts[1] + 7
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: d[:len(d) // 2], "truncated or corrupted"),
+    (lambda d: d[:len(MAGIC) + 2], "truncated or corrupted"),
+    (lambda d: d[:-1], "truncated or corrupted"),
+    (lambda d: d + b"\0", "truncated or corrupted"),
+    (flip_a_payload_byte, "checksum"),
+    (lambda d: rewrite_header(d, more_kept_weights), "corrupted export"),
+    (lambda d: rewrite_header(d, lambda h: h.update(format="fine-grained-sparse/9")), "this code reads"),
+    (lambda d: rewrite_header(d, lambda h: h["config"].update(width=0.25)), "corrupted export"),
+    (lambda d: b"", "not a compressed export"),
+    (lambda d: b"hello world", "not a compressed export"),
+])
+def test_damaged_exports_are_one_clear_error(export_file, damage, message):
+    export_file.write_bytes(damage(export_file.read_bytes()))
+    with pytest.raises(UserError, match=message) as error:
+        load_sparse_export(export_file)
+    assert str(export_file) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_loader_refuses_what_is_not_an_export(tmp_path):
+    with pytest.raises(UserError, match="not found: run `python finetune.py`"):
+        load_sparse_export(tmp_path / "missing.sparse.pt")
+    with pytest.raises(UserError, match="is a directory"):
+        load_sparse_export(tmp_path)
+    dense = save_checkpoint({"model": {}, "stage": "dense"}, tmp_path / "dense.pt")
+    with pytest.raises(UserError, match="a torch checkpoint, not a compressed export"):
+        load_sparse_export(dense)

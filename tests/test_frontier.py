@@ -10,37 +10,24 @@ import torch
 import finetune
 import frontier
 import prune
-import sensitivity
-import train
+from conftest import interrupt_in_epoch, script_args
 from utils import Interrupted, UserError, load_checkpoint
 
-TRAIN = ["--width", "0.0625", "--val-size", "40", "--batch-size", "32", "--epochs", "1"]
-
-
-def parse(parser, folder, ckpt_dir, *extra):
-    return parser.parse_args(["--data-dir", str(folder), "--checkpoint-dir", str(ckpt_dir), "--device", "cpu",
-                              *(["--plot-dir", str(ckpt_dir.parent / "plots")]
-                                if "--plot-dir" in parser.format_help() else []), *extra])
-
-
-@pytest.fixture(scope="module")
-def dense(image_folder, tmp_path_factory):
-    """A tiny dense checkpoint and its scan, in a folder of their own."""
-    ckpt = tmp_path_factory.mktemp("frontier") / "ckpt"
-    train.main(parse(train.get_train_args_parser(), image_folder, ckpt, *TRAIN))
-    sensitivity.main(parse(sensitivity.get_args_parser(), image_folder, ckpt, "--sparsities", "0.5,0.9"))
-    return ckpt
+@pytest.fixture
+def dense(chain):
+    """A copy of the tiny chain's folder: dense.pt and its scan, to sweep from."""
+    return chain
 
 
 def finetune_args(folder, ckpt_dir, *extra):
     # 160 training images / 32 = 5 steps an epoch; 3 epochs = 15 steps, the ramp 60% = 9 of them
-    return parse(finetune.get_finetune_args_parser(), folder, ckpt_dir, "--epochs", "3", "--batch-size", "32",
+    return script_args(finetune.get_finetune_args_parser(), folder, ckpt_dir, "--epochs", "3", "--batch-size", "32",
                  "--checkpoint", str(ckpt_dir.parent / "pruned.pt"), *extra)
 
 
 def test_gradual_chain_reaches_the_exact_global_count_and_resumes_identically(dense, image_folder, tmp_path,
                                                                              monkeypatch):
-    prune.main(parse(prune.get_args_parser(), image_folder, tmp_path / "p", "--checkpoint", str(dense / "dense.pt"),
+    prune.main(script_args(prune.get_args_parser(), image_folder, tmp_path / "p", "--checkpoint", str(dense / "dense.pt"),
                      "--method", "global", "--target", "0.8", "--gradual", "--ramp", "0.6", "--prune-every", "2"))
     pruned = load_checkpoint(tmp_path / "p" / "pruned.pt", stages=("pruned",))
     assert pruned["schedule"]["method"] == "global" and pruned["schedule"]["target"] == 0.8
@@ -56,19 +43,10 @@ def test_gradual_chain_reaches_the_exact_global_count_and_resumes_identically(de
     assert once["best_epoch"] >= 2  # epoch 1 ends before the ramp does: never the best
 
     # The same run, stopped in its second epoch, then resumed.
-    calls = []
-    real = train.train_one_epoch
-
-    def stop_in_epoch_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_one_epoch", stop_in_epoch_two)
+    interrupt_in_epoch(monkeypatch, 2)
     with pytest.raises(Interrupted):
         finetune.main(finetune_args(image_folder, tmp_path / "parts"))
-    monkeypatch.setattr(train, "train_one_epoch", real)
+    monkeypatch.undo()
     resumed = finetune.main(finetune_args(image_folder, tmp_path / "parts", "--resume"))
     b = load_checkpoint(tmp_path / "parts" / "finetuned.pt", stages=("finetuned",))
     for name, value in a["model"].items():
@@ -77,18 +55,8 @@ def test_gradual_chain_reaches_the_exact_global_count_and_resumes_identically(de
     assert resumed["test_acc"] == once["test_acc"]
 
 
-def test_prune_flags_are_checked(dense, image_folder, tmp_path):
-    parser = prune.get_args_parser()
-    with pytest.raises(UserError, match="needs --target"):
-        prune.main(parse(parser, image_folder, dense, "--method", "uniform"))
-    with pytest.raises(UserError, match="sensitivity.py --target-sparsity"):
-        prune.main(parse(parser, image_folder, dense, "--target", "0.9"))
-    with pytest.raises(UserError, match="no prunable tensor named 'conv9'"):
-        prune.main(parse(parser, image_folder, dense, "--method", "global", "--target", "0.9", "--exclude", "conv9"))
-
-
 def sweep_args(image_folder, dense, out, *extra):
-    return parse(frontier.get_args_parser(), image_folder, dense, "--epochs", "1", "--batch-size", "32",
+    return script_args(frontier.get_args_parser(), image_folder, dense, "--epochs", "1", "--batch-size", "32",
                  "--out", str(out), *extra)
 
 
@@ -99,9 +67,9 @@ def test_frontier_sweeps_resumes_and_plots(dense, image_folder, tmp_path):
     points = json.loads(out.read_text())["points"]
     assert [(p["method"], p["target"]) for p in points] == [("global", 0.9), ("uniform-gradual", 0.9)]
     for p in points:
-        assert set(p) >= {"method", "target", "sparsity", "val_acc", "test_acc", "export_bytes", "sparse_macs"}
+        assert set(p) >= {"method", "target", "sparsity", "val_acc", "test_acc", "export_bytes", "macs", "size_bits"}
         assert p["sparsity"] == pytest.approx(0.9, abs=0.01) and p["export_bytes"] > 0
-        assert p["sparse_macs"] < sweep["dense"]["macs"]
+        assert p["macs"] < sweep["dense"]["macs"]
     plot = dense.parent / "plots" / "frontier.png"
     assert plot.stat().st_size > 20_000
     umask = os.umask(0)

@@ -3,10 +3,9 @@ import torch
 import torch.nn.utils.prune as torch_prune
 
 from model import build_model
-from prune import (SPARSITY, FineGrainedPruner, check_sparsity_dict, fine_grained_prune, get_prunable_names,
-                   get_sparse_macs)
+from prune import SPARSITY, FineGrainedPruner, check_sparsity_dict, fine_grained_prune, get_prunable_names
 from train import build_optimizer
-from utils import UserError, get_model_macs, get_sparsity
+from utils import UserError, get_model_macs, get_sparse_macs, get_sparsity
 
 
 @pytest.mark.parametrize("shape", [(7,), (16, 8, 3, 3), (10, 33)])
@@ -93,3 +92,15 @@ def test_sparse_macs_leave_out_the_products_with_pruned_weights():
     assert type(sparse) is int  # a plain number, storable in a checkpoint's metrics
     assert sparse == dense - 576 * 32 * 32 - 320  # 320 of the classifier's 10x64, used once
     assert model.training
+
+
+def test_held_masks_never_regrow_even_at_a_lower_target():
+    model = build_model(width=0.0625)
+    name = "backbone.conv5.weight"
+    first = FineGrainedPruner(model, {name: 0.9})
+    again = FineGrainedPruner(model, {name: 0.5}, masks=first.masks)
+    assert torch.equal(again.masks[name], first.masks[name])
+    assert again.sparsity[name] == pytest.approx(0.9, abs=1e-3)
+    more = FineGrainedPruner(model, {name: 0.95}, masks=first.masks)
+    assert not (more.masks[name] & ~first.masks[name]).any()
+    assert get_sparsity(dict(model.named_parameters())[name]) == pytest.approx(0.95, abs=1e-3)

@@ -4,16 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import finetune
 import prune
 import quantize
-import train
+from conftest import interrupt_in_epoch, script_args
 from export import information_bound, load_sparse_export, save_sparse_export
 from model import build_model
 from prune import SPARSITY, FineGrainedPruner
 from quantize import BITS, KMeansQuantizer, k_means_quantize, quantized_size
 from train import build_optimizer
-from utils import UserError, cli, load_checkpoint
+from utils import Interrupted, UserError, load_checkpoint
 
 
 def distinct_nonzero(tensor):
@@ -100,37 +99,18 @@ def test_shared_export_is_bit_exact_and_near_its_bound(tmp_path, width):
     assert quantized_size(model, BITS) <= nonzero * 4 + 16 * 32 * len(BITS) + rest * 32
 
 
-def test_truncated_shared_export_is_a_clear_error(tmp_path):
-    torch.manual_seed(0)
-    model = build_model(width=0.0625)
-    masks = FineGrainedPruner(model, SPARSITY).masks
-    KMeansQuantizer(model, BITS)
-    path = tmp_path / "q.pt"
-    save_sparse_export(model.state_dict(), masks, {"width": 0.0625, "num_classes": 10}, path, shared=True)
-    entry = torch.load(path, weights_only=True)
-    entry["sparse"]["backbone.conv3.weight"]["data"] = entry["sparse"]["backbone.conv3.weight"]["data"][:-9]
-    torch.save(entry, tmp_path / "cut.pt")
-    with pytest.raises(UserError, match="corrupted sparse export"):
-        load_sparse_export(tmp_path / "cut.pt")
+@pytest.fixture
+def finetuned(chain):
+    """A copy of the tiny chain's folder, whose finetuned.pt is global 80%."""
+    return chain
 
 
-@pytest.fixture(scope="module")
-def finetuned(image_folder, tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("quantize") / "ckpt"
-    common = ["--data-dir", str(image_folder), "--checkpoint-dir", str(ckpt), "--device", "cpu"]
-    plots = ["--plot-dir", str(ckpt.parent / "plots")]
-    train.main(train.get_train_args_parser().parse_args(
-        [*common, "--width", "0.0625", "--val-size", "40", "--batch-size", "32", "--epochs", "1"]))
-    prune.main(prune.get_args_parser().parse_args([*common, *plots, "--method", "global", "--target", "0.8"]))
-    finetune.main(finetune.get_finetune_args_parser().parse_args([*common, *plots, "--epochs", "1",
-                                                                   "--batch-size", "32"]))
-    return ckpt
+def quantize_args(image_folder, ckpt_dir, *extra):
+    return script_args(quantize.get_quantize_args_parser(), image_folder, ckpt_dir, "--batch-size", "32", *extra)
 
 
 def test_quantize_script_writes_a_shared_model_and_export(finetuned, image_folder):
-    out = quantize.main(quantize.get_quantize_args_parser().parse_args(
-        ["--data-dir", str(image_folder), "--checkpoint-dir", str(finetuned), "--device", "cpu",
-         "--epochs", "1", "--batch-size", "32", "--bits", "3"]))
+    out = quantize.main(quantize_args(image_folder, finetuned, "--epochs", "1", "--bits", "3"))
     ckpt = load_checkpoint(finetuned / "quantized.pt", stages=("quantized",))
     pruned = load_checkpoint(finetuned / "finetuned.pt", stages=("finetuned",))
     for name, mask in pruned["masks"].items():
@@ -139,28 +119,35 @@ def test_quantize_script_writes_a_shared_model_and_export(finetuned, image_folde
     loaded = load_sparse_export(finetuned / "quantized.sparse.pt")
     for name, value in ckpt["model"].items():
         assert torch.equal(value, loaded.state_dict()[name]), name
-    assert out["export_bytes"] < out["dense_checkpoint_bytes"] / 5
-    assert out["bits"] == {n: 3 for n in pruned["masks"]} | {n: 3 for n in BITS}
+    assert out["export_bytes"] < out["dense"]["checkpoint_bytes"] / 5
+    assert ckpt["bits"] == {n: 3 for n in BITS}
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--bits", "0"], "--bits must be an integer from 1 to 8"),
-    (["--bits", "9"], "--bits must be an integer from 1 to 8"),
-    (["--bits", "four"], None),
-    (["--checkpoint", "{ckpt}/dense.pt"], "run `python finetune.py` first"),
-])
-def test_quantize_bad_input_is_one_line(finetuned, image_folder, capsys, extra, message):
-    before = {p: p.read_bytes() for p in finetuned.iterdir()}
-    argv = ["--data-dir", str(image_folder), "--checkpoint-dir", str(finetuned), "--device", "cpu",
-            *[a.replace("{ckpt}", str(finetuned)) for a in extra]]
-    with pytest.raises(SystemExit) as exit_info:
-        cli(quantize.main, quantize.get_quantize_args_parser(), argv)
-    assert exit_info.value.code != 0
-    err = capsys.readouterr().err
-    if message:
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and message in lines[0], err
-    assert {p: p.read_bytes() for p in finetuned.iterdir()} == before
+def test_quantize_refuses_a_gradual_checkpoint_whose_masks_wait_for_finetuning(finetuned, image_folder):
+    prune.main(script_args(prune.get_args_parser(), image_folder, finetuned, "--method", "global",
+                           "--target", "0.9", "--gradual"))
+    with pytest.raises(UserError, match="--gradual.*run `python finetune.py` first"):
+        quantize.main(quantize_args(image_folder, finetuned, "--checkpoint", str(finetuned / "pruned.pt")))
+    assert not (finetuned / "quantized.pt").exists()
+
+
+def test_an_interrupted_quantize_resumes_with_its_own_bits_and_init(finetuned, image_folder, tmp_path, monkeypatch):
+    flags = ("--epochs", "2", "--bits", "2", "--init", "linear", "--checkpoint", str(finetuned / "finetuned.pt"))
+    once = quantize.main(quantize_args(image_folder, tmp_path / "once", *flags))
+
+    interrupt_in_epoch(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        quantize.main(quantize_args(image_folder, tmp_path / "parts", *flags))
+    monkeypatch.undo()
+    # --resume alone: the bits, init and epochs come from the saved state, not these defaults
+    resumed = quantize.main(quantize_args(image_folder, tmp_path / "parts", "--resume", "--checkpoint",
+                                          str(finetuned / "finetuned.pt")))
+    a = load_checkpoint(tmp_path / "once" / "quantized.pt", stages=("quantized",))
+    b = load_checkpoint(tmp_path / "parts" / "quantized.pt", stages=("quantized",))
+    assert b["bits"] == {n: 2 for n in BITS} and b["args"]["init"] == "linear"
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert resumed["size_bits"] == once["size_bits"] and resumed["test_acc"] == once["test_acc"]
 
 
 def test_bad_bits_dict_names_what_is_allowed():

@@ -33,10 +33,11 @@ def test_get_sparsity():
 def test_checkpoint_round_trip(tmp_path):
     model = build_model(width=0.0625)
     ckpt = {"model": model.state_dict(), "stage": "dense", "config": {"width": 0.0625, "num_classes": 10},
-            "metrics": {"val_acc": 12.5}, "history": [{"epoch": 1}], "split": {"val_size": 5}}
+            "metrics": {"val_acc": 12.5, "test_acc": 10.0, "size_bits": 32, "macs": 1},
+            "history": [{"epoch": 1}], "split": {"val_size": 5}}
     path = save_checkpoint(ckpt, tmp_path / "dense.pt")
     loaded = load_checkpoint(path)
-    assert loaded["metrics"] == {"val_acc": 12.5} and loaded["config"]["width"] == 0.0625
+    assert loaded["metrics"] == ckpt["metrics"] and loaded["config"]["width"] == 0.0625
     for k, v in model.state_dict().items():
         assert torch.equal(loaded["model"][k], v)
     assert [p.name for p in tmp_path.iterdir()] == ["dense.pt"]  # no temporary left behind
