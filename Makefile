@@ -1,5 +1,5 @@
 # make pipeline   the five scripts at width 1.0 (meant for a GPU): train, scan, prune to 95%
-#                 with one global threshold, gradually during 10 finetuning epochs, then
+#                 with one global threshold, gradually during the finetuning (10 epochs), then
 #                 4-bit weight sharing
 # make demo       the same chain at CPU size (width 0.25)
 # make frontier   every method x sparsity from checkpoints/dense.pt (GPU-sized)
@@ -7,7 +7,7 @@
 PYTHON ?= python
 DATA_DIR ?= data/cifar10
 DATA = --data-dir $(DATA_DIR)
-SCAN = --scan-size 2000 --sparsities 0.5,0.7,0.8,0.9,0.95,0.98,0.99
+SCAN = --scan-size 2000
 
 .PHONY: install pipeline demo frontier test
 install:
@@ -17,14 +17,14 @@ pipeline:
 	$(PYTHON) train.py $(DATA)
 	$(PYTHON) sensitivity.py $(DATA) $(SCAN)
 	$(PYTHON) prune.py $(DATA) --method global --target 0.95 --gradual
-	$(PYTHON) finetune.py $(DATA) --epochs 10
+	$(PYTHON) finetune.py $(DATA)
 	$(PYTHON) quantize.py $(DATA)
 
 demo:
 	$(PYTHON) train.py $(DATA) --width 0.25 --epochs 10
 	$(PYTHON) sensitivity.py $(DATA) $(SCAN)
 	$(PYTHON) prune.py $(DATA) --method global --target 0.95 --gradual
-	$(PYTHON) finetune.py $(DATA) --epochs 10
+	$(PYTHON) finetune.py $(DATA)
 	$(PYTHON) quantize.py $(DATA)
 
 frontier:

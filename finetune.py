@@ -1,7 +1,7 @@
 """Finetune the pruned model with its masks held, and report the final results.
 
     python finetune.py
-    python finetune.py --epochs 5 --lr 0.05
+    python finetune.py --epochs 5 --lr 0.02
 
 The masks are re-applied after every optimizer step, so neither momentum nor weight
 decay brings a pruned weight back. When prune.py ran with --gradual, the sparsity
@@ -18,7 +18,7 @@ from data import load_data_for
 from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
 from prune import FineGrainedPruner, GradualSchedule
-from train import fit, get_args_parser, resumed_args
+from train import FINETUNE, fit, get_args_parser, resumed_args
 from utils import (MiB, cli, ensure_writable, evaluate, get_device, load_checkpoint, make_checkpoint,
                    measure, pyplot, save_checkpoint, save_figure, set_seed)
 
@@ -114,8 +114,8 @@ def main(args):
 
 
 def get_finetune_args_parser():
-    parser = get_args_parser(__doc__, epochs=5, lr=0.05, plots=True)
-    parser.set_defaults(batch_size=256, low_res_epochs=0)  # a few epochs at the final size
+    parser = get_args_parser(__doc__, plots=True)
+    parser.set_defaults(**FINETUNE)
     add_export_args(parser)
     parser.add_argument("--checkpoint", default=None,
                         help="pruned model to finetune (default: <checkpoint-dir>/pruned.pt)")

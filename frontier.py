@@ -9,6 +9,7 @@ Methods (--methods), each pruned from the same dense checkpoint:
   global   one magnitude threshold over those tensors (prune.py --method global);
   scan     the sensitivity scan's suggestion for that target (sensitivity.py --target-sparsity;
            needs checkpoints/sensitivity.json with sparsities as high as the targets);
+  random   uniform's sparsities with random masks, the control (prune.py --method random);
   NAME-gradual  the same allocation reached gradually during finetuning (prune.py --gradual).
 Every point gets the same finetuning: epochs, learning rate, batch size and images.
 The dataset is read once. Each finished point is appended to checkpoints/frontier.json at
@@ -28,13 +29,13 @@ from model import build_model_from_checkpoint
 from prune import (FineGrainedPruner, GradualSchedule, add_pruning_args, allocate, get_prunable_names,
                    gradual_schedule, resolve_names)
 from sensitivity import drop_for_target, suggest_sparsity
-from train import fit
+from train import FINETUNE, fit
 from train import get_args_parser as get_training_args_parser
-from utils import (MiB, Interrupted, UserError, cli, ensure_writable, evaluate, format_table, fraction_list,
+from utils import (MiB, Interrupted, UserError, cli, ensure_writable, evaluate, file_sha256, format_table, fraction_list,
                    get_device, load_checkpoint, measure, plural, pyplot, read_json, save_figure, set_seed,
                    write_json)
 
-METHODS = ("uniform", "global", "scan", "uniform-gradual", "global-gradual", "scan-gradual")
+METHODS = ("uniform", "global", "scan", "random", "uniform-gradual", "global-gradual", "scan-gradual")
 # The flags that make points comparable: a sweep file holds points of one budget only.
 BUDGET_FLAGS = ("epochs", "lr", "batch_size", "train_subset", "seed", "momentum", "weight_decay",
                 "label_smoothing", "warmup", "bias_lr_scale", "translate", "low_res_epochs", "low_res",
@@ -43,7 +44,7 @@ BUDGET_FLAGS = ("epochs", "lr", "batch_size", "train_subset", "seed", "momentum"
 
 def parse_methods(text):
     """'global,scan-gradual' -> ('global', 'scan-gradual'), each checked against METHODS."""
-    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    methods = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))  # each once, in order
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UserError(f"--methods: unknown {unknown or text!r}; choose from {', '.join(METHODS)}")
@@ -59,10 +60,9 @@ def scan_plan(scan, target, model):
     return None if drop is None else suggest_sparsity(scan["dense_acc"], scan["sparsities"], scan["accuracy"], drop)
 
 
-def load_scan(path, model):
-    """sensitivity.json of this model's architecture -> dict."""
-    fix = ("run `python sensitivity.py --sparsities 0.5,0.7,0.8,0.9,0.95,0.98,0.99` first, or leave "
-           "the scan methods out")
+def load_scan(path, model, dense_sha256):
+    """sensitivity.json of this very dense checkpoint -> dict."""
+    fix = "run `python sensitivity.py` on this checkpoint first, or leave the scan methods out"
     scan = read_json(path, "the sensitivity scan that --methods scan needs", fix)
     params = dict(model.named_parameters())
     try:
@@ -71,8 +71,8 @@ def load_scan(path, model):
         float(scan["dense_acc"])
     except (KeyError, TypeError, AttributeError, ValueError):
         raise UserError(f"{path} is not a scan written by sensitivity.py: {fix}") from None
-    if wrong:
-        raise UserError(f"{path} was scanned on another model: rerun sensitivity.py on this checkpoint")
+    if wrong or scan.get("checkpoint_sha256") != dense_sha256:
+        raise UserError(f"{path} was scanned on another model than this dense checkpoint: {fix}")
     return scan
 
 
@@ -93,7 +93,7 @@ def run_point(dense, loaders, args, method, target, scan, device):
         record = gradual_schedule(model, allocation, plan, target, args.ramp, args.prune_every)
         schedule = GradualSchedule(record, args.epochs * len(loaders["train"]))
         plan = record["initial"]
-    pruner = FineGrainedPruner(model, plan, schedule)
+    pruner = FineGrainedPruner(model, plan, schedule, random_seed=args.seed if allocation == "random" else None)
     t0 = time.perf_counter()
     history = fit(model, loaders, args, None, pruner=pruner, desc=f"{method} {target:g}", val_every=args.epochs)
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,8 +187,8 @@ def print_table(sweep):
 
 
 def get_args_parser():
-    parser = get_training_args_parser(__doc__, epochs=5, lr=0.05, plots=True, resume=False)
-    parser.set_defaults(batch_size=256)  # finetune.py's defaults
+    parser = get_training_args_parser(__doc__, plots=True, resume=False)
+    parser.set_defaults(**FINETUNE)  # finetune.py's recipe
     add = parser.add_argument
     add("--checkpoint", default=None, help="dense model to prune (default: <checkpoint-dir>/dense.pt)")
     add("--methods", default=",".join(METHODS), help="comma-separated, see above (default: %(default)s)")
@@ -211,7 +211,7 @@ def main(args):
     device = get_device(args.device)
     model = build_model_from_checkpoint(dense_ckpt)
     resolve_names(args.exclude, get_prunable_names(model))  # a bad name fails now, not at a point
-    scan = load_scan(args.scan or ckpt_dir / "sensitivity.json", model) if any(
+    scan = load_scan(args.scan or ckpt_dir / "sensitivity.json", model, file_sha256(source)) if any(
         m.startswith("scan") for m in methods) else None
     prunable = [p for p in model.parameters() if p.dim() > 1]
     figures = {k: dense_ckpt["metrics"][k] for k in ("val_acc", "test_acc", "size_bits", "macs")}

@@ -11,7 +11,8 @@ How the sparsity is spread over the prunable tensors (--method):
            A layer the dict leaves out stays dense;
   uniform  --target for every tensor but the --exclude ones;
   global   one magnitude threshold over those tensors, removing round(target * total)
-           weights in all (torch.nn.utils.prune.global_unstructured's rule).
+           weights in all (torch.nn.utils.prune.global_unstructured's rule);
+  random   uniform's sparsities, but random masks (--seed): the control.
 One-shot pruning happens here. With --gradual, finetune.py raises the sparsity along
 Zhu & Gupta's cubic schedule instead, recomputing the masks every few steps.
 Iterative pruning (Han et al. 2015): prune a finetuned model further, then finetune again;
@@ -31,7 +32,7 @@ from model import build_model_from_checkpoint
 from utils import (MiB, UserError, add_common_args, cli, ensure_writable, evaluate, format_table, fraction,
                    fraction_in, get_device, get_model_size, get_sparsity, is_fraction, load_checkpoint,
                    make_checkpoint, measure, plural, positive_int, pyplot, read_json, save_checkpoint,
-                   save_figure, short_name)
+                   save_figure, seed_int, short_name)
 
 # The original run's per-layer sparsities (fraction of weights set to zero).
 SPARSITY = {
@@ -53,7 +54,7 @@ SPARSITY = {
     "backbone.residual_block3.conv2.weight": 0.8,
     "classifier.weight": 0.0,
 }
-METHODS = ("dict", "uniform", "global")
+METHODS = ("dict", "uniform", "global", "random")
 # What uniform and global pruning keep dense by default: the first conv and the
 # classifier hold 0.03% of the weights and are the most fragile (see the scan).
 EXCLUDE = ("backbone.conv0.weight", "classifier.weight")
@@ -86,10 +87,14 @@ def check_fraction(sparsity):
         raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
 
 
-def importance(param, mask=None):
-    """|weight|, with the weights `mask` has already pruned at -1: they go first again,
-    so a mask recomputed at the same or a higher sparsity never lets one grow back."""
-    scores = param.detach().abs()
+def importance(param, mask=None, generator=None):
+    """|weight| (or, with a generator, a random score: the control that shows what choosing
+    by magnitude buys), with the weights `mask` has already pruned at -1: they go first
+    again, so a mask recomputed at the same or a higher sparsity never lets one grow back."""
+    if generator is None:
+        scores = param.detach().abs()
+    else:
+        scores = torch.rand(param.shape, generator=generator).to(param.device)
     return scores if mask is None else scores.masked_fill(~mask, -1.0)
 
 
@@ -164,7 +169,7 @@ def allocate(model, method, target=None, sparsity_dict=None, exclude=EXCLUDE, ma
     names = [n for n in get_prunable_names(model) if n not in exclude]
     if not names:
         raise UserError("--exclude leaves no tensor to prune")
-    if method == "uniform":
+    if method in ("uniform", "random"):  # random: the uniform sparsities, random masks
         return uniform_allocation(names, target)
     if method == "global":
         return global_allocation(model, names, target, masks)
@@ -191,6 +196,8 @@ def gradual_schedule(model, method, plan, target=None, ramp=0.5, every=10):
     else:
         now, goal = initial, plan
     grows = [n for n in goal if goal[n] < now[n]]
+    if method == "random":
+        raise UserError("--method random is the one-shot control: drop --gradual")
     if grows:
         raise UserError(f"gradual pruning only raises sparsity, but {grows[0]} is already at "
                         f"{now[grows[0]]:.3f} and its target is {goal[grows[0]]}")
@@ -234,9 +241,9 @@ class FineGrainedPruner:
     weights again after every optimizer step while finetuning. With a GradualSchedule,
     it also re-prunes to the schedule's sparsity when a step is due."""
 
-    def __init__(self, model, sparsity_dict, schedule=None, masks=None):
+    def __init__(self, model, sparsity_dict, schedule=None, masks=None, random_seed=None):
         check_sparsity_dict(sparsity_dict, get_prunable_names(model))
-        self.masks, self.schedule = dict(masks or {}), schedule
+        self.masks, self.schedule, self.random_seed = dict(masks or {}), schedule, random_seed
         self.sparsity = {name: get_sparsity(m.float()) for name, m in self.masks.items()}
         self.prune(model, sparsity_dict)
 
@@ -246,21 +253,23 @@ class FineGrainedPruner:
         pruner = cls.__new__(cls)
         pruner.load_state_dict(masks, device)
         pruner.sparsity = {name: get_sparsity(m.float()) for name, m in masks.items()}
-        pruner.schedule = schedule
+        pruner.schedule, pruner.random_seed = schedule, None
         return pruner
 
     @torch.no_grad()
     def prune(self, model, sparsity_dict):
         """Prune each named tensor to exactly round(sparsity * numel) zeros, by magnitude;
         weights this pruner pruned before stay pruned (also when that is more zeros)."""
-        for name, param in model.named_parameters():
+        for i, (name, param) in enumerate(model.named_parameters()):
             if name in sparsity_dict:
                 check_fraction(sparsity_dict[name])
                 held = self.masks.get(name)
                 num_zeros = round(sparsity_dict[name] * param.numel())
                 if held is not None:
                     num_zeros = max(num_zeros, int((~held).sum()))
-                self.masks[name] = magnitude_mask(importance(param, held), num_zeros)
+                generator = None if self.random_seed is None else torch.Generator().manual_seed(
+                    self.random_seed * 1009 + i)  # a stream of its own per tensor
+                self.masks[name] = magnitude_mask(importance(param, held, generator), num_zeros)
                 self.sparsity[name] = num_zeros / param.numel()
                 param.mul_(self.masks[name])
 
@@ -346,6 +355,7 @@ def get_args_parser():
              "checkpoints/sparsity_suggested.json (default: SPARSITY in prune.py)")
     add("--target", type=fraction, default=None, metavar="FRACTION",
         help="uniform and global methods: the sparsity to reach, e.g. 0.9 (default: none)")
+    add("--seed", type=seed_int, default=0, help="random method: seed of the masks (default: %(default)s)")
     add("--gradual", action="store_true",
         help="prune gradually during finetune.py (cubic schedule) instead of all at once now")
     add_pruning_args(parser)
@@ -358,7 +368,7 @@ def main(args):
     if args.method != "dict" and args.sparsity:
         raise UserError(f"--sparsity is a dict for --method dict; --method {args.method} takes --target")
     if args.method == "dict" and args.target is not None:
-        raise UserError("--target is for --method uniform or global; for a dict that reaches a "
+        raise UserError("--target is for --method uniform, global or random; for a dict that reaches a "
                         "target, run `python sensitivity.py --target-sparsity FRACTION`")
     source = Path(args.checkpoint or ckpt_dir / "dense.pt")
     ckpt = load_checkpoint(source, stages=("dense", "finetuned"))
@@ -379,7 +389,8 @@ def main(args):
         print(f"kept dense: {', '.join(kept_dense)}")
 
     # Gradual: only the weights that are zero already are masked now (a no-op on a dense model).
-    pruner = FineGrainedPruner(model, schedule["initial"] if schedule else plan, masks=held)
+    pruner = FineGrainedPruner(model, schedule["initial"] if schedule else plan, masks=held,
+                               random_seed=args.seed if args.method == "random" else None)
     print(layer_table(model, plan))
     print(size_report(model, dense["size_bits"]))
     metrics = {**measure(model), "method": args.method, "target": args.target, "gradual": args.gradual}

@@ -21,11 +21,11 @@ from data import Loader, load_data_for
 from model import build_model_from_checkpoint
 from prune import fine_grained_prune, get_prunable_names
 from utils import (MiB, add_common_args, autocast, cli, ensure_writable, evaluate, format_table,
-                   fraction_in, fraction_list, get_device, get_model_size, load_checkpoint,
+                   file_sha256, fraction_in, fraction_list, get_device, get_model_size, load_checkpoint,
                    nonnegative_float, positive_int, progress, pyplot, save_figure, short_name, tta_views,
                    write_json)
 
-DEFAULT_SPARSITIES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)  # the scripts' and the Makefile's
 
 
 def stage_of(name, model):
@@ -199,7 +199,8 @@ def get_args_parser():
 def main(args):
     ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
     sparsities = args.sparsities
-    ckpt = load_checkpoint(args.checkpoint or ckpt_dir / "dense.pt", stages=("dense", "finetuned"))
+    source = args.checkpoint or ckpt_dir / "dense.pt"
+    ckpt = load_checkpoint(source, stages=("dense", "finetuned"))
     device = get_device(args.device)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     loaders = load_data_for(ckpt, args, device)
@@ -229,7 +230,7 @@ def main(args):
         print(f"--target-sparsity {args.target_sparsity:g}: allowed drop per layer {max_drop:.2f} points")
     result = {"dense_acc": dense_acc, "sparsities": list(sparsities), "accuracy": accuracies,
               "num_parameters": num_parameters, "max_drop": max_drop, "split": split,
-              "num_images": len(loader.images), "checkpoint": str(args.checkpoint or ckpt_dir / "dense.pt")}
+              "num_images": len(loader.images), "checkpoint": str(source), "checkpoint_sha256": file_sha256(source)}
     suggestion = suggest_sparsity(dense_acc, sparsities, accuracies, max_drop)
 
     rows = [[n, f"{result['num_parameters'][n]:,}", *(f"{a:.2f}" for a in accs), f"{suggestion[n]:.2f}"]

@@ -27,6 +27,8 @@ from utils import (TTA, Interrupted, UserError, add_common_args, autocast, cli, 
                    measure, model_summary, nonnegative_float, nonnegative_int, positive_float, positive_int,
                    progress, run_args, save_checkpoint, seed_int, set_seed)
 
+# The finetuning recipe that finetune.py and frontier.py share: a few epochs at full size.
+FINETUNE = {"epochs": 10, "lr": 0.05, "batch_size": 256, "low_res_epochs": 0}
 # Flags that define a run: a resumed run takes them from the saved state.
 RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "bias_lr_scale", "momentum", "weight_decay",
              "label_smoothing", "warmup", "translate", "low_res_epochs", "low_res", "width",

@@ -2,6 +2,7 @@
 accounting (named as in the MIT HAN Lab EfficientML course), atomic checkpoints
 and the command-line wrapper that turns user errors into one line on stderr."""
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -269,6 +270,11 @@ def save_checkpoint(obj, path):
 def write_json(obj, path):
     """JSON with an indent of 2, written atomically (`atomic_write`)."""
     return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes: which checkpoint a derived file was made from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_json(path, what, fix):

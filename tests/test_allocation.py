@@ -129,3 +129,19 @@ def test_a_pruned_weight_stays_pruned_even_beside_exact_zeros():
     pruner.prune(model, {"classifier.weight": 1 / weight.numel()})
     assert not pruner.masks["classifier.weight"].view(-1)[-1]  # still pruned, not weight 0 instead
     assert int((~pruner.masks["classifier.weight"]).sum()) == 1
+
+
+def test_random_control_has_uniform_counts_and_seeded_masks():
+    names = [n for n in get_prunable_names(model_with_weights()) if n not in EXCLUDE]
+    masks = {}
+    for seed in (0, 0, 1):
+        model = model_with_weights()
+        plan = allocate(model, "random", 0.9)
+        assert plan == allocate(model, "uniform", 0.9)
+        masks.setdefault(seed, []).append(FineGrainedPruner(model, plan, random_seed=seed).masks)
+    magnitude = FineGrainedPruner(model_with_weights(), plan).masks
+    for name in names:
+        a, b = masks[0]
+        assert torch.equal(a[name], b[name])  # the same seed, the same masks
+        assert not torch.equal(a[name], masks[1][0][name]) and not torch.equal(a[name], magnitude[name])
+        assert int((~a[name]).sum()) == round(0.9 * a[name].numel())

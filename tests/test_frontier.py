@@ -93,3 +93,18 @@ def test_frontier_refuses_bad_methods_and_a_missing_scan(dense, image_folder, tm
     with pytest.raises(UserError, match="run `python sensitivity.py"):
         frontier.main(sweep_args(image_folder, dense, tmp_path / "f.json", "--methods", "scan",
                                  "--scan", str(tmp_path / "none.json")))
+
+
+def test_frontier_refuses_the_scan_of_another_dense_model(dense, image_folder, tmp_path):
+    ckpt = load_checkpoint(dense / "dense.pt", stages=("dense",))
+    ckpt["metrics"]["val_acc"] += 1  # another file: the scan no longer belongs to it
+    torch.save(ckpt, dense / "dense.pt")
+    with pytest.raises(UserError, match="scanned on another model"):
+        frontier.main(sweep_args(image_folder, dense, tmp_path / "f.json", "--methods", "scan"))
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_a_method_or_target_given_twice_runs_once(dense, image_folder, tmp_path):
+    sweep = frontier.main(sweep_args(image_folder, dense, tmp_path / "f.json", "--methods", "global,global",
+                                     "--sparsities", "0.9,0.9"))
+    assert [(p["method"], p["target"]) for p in sweep["points"]] == [("global", 0.9)]
