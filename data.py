@@ -83,12 +83,15 @@ def download(data_dir):
     from torchvision.datasets.utils import download_and_extract_archive
 
     data_dir = Path(data_dir)
-    new = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # to remove if it fails
+    missing = [p for p in (data_dir, *data_dir.parents) if not p.exists()]
+    before = set(data_dir.iterdir()) if data_dir.is_dir() else set()
     try:
         download_and_extract_archive(URL, download_root=str(data_dir), md5=MD5)
-    except Exception as e:
-        if new:
-            shutil.rmtree(new[-1], ignore_errors=True)  # only what this call created
+    except BaseException as e:  # Ctrl-C too: a partial archive would block every later try
+        for path in ([missing[-1]] if missing else set(data_dir.iterdir()) - before):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if not isinstance(e, Exception):
+            raise
         raise UserError(
             f"no CIFAR-10 in {data_dir} and the download failed ({type(e).__name__}); put the "
             f"extracted cifar-10-batches-py/ folder in {data_dir}/, or pass --data-dir to a copy "

@@ -59,6 +59,8 @@ def encode_tensor(tensor, mask, values):
     """A pruned fp32 tensor and its bool mask (True = kept) -> ([codebook size, ANS words,
     histogram], [codebook, words, raw values] as numpy arrays)."""
     flat, kept = tensor.detach().cpu().float().flatten(), mask.cpu().flatten()
+    if flat[~kept].count_nonzero():
+        raise ValueError("a pruned weight is not zero: apply the masks before exporting")
     symbols = kept.to(torch.int32)
     codebook = np.zeros(0, np.float32)
     raw = np.zeros(0, np.float32)
@@ -103,7 +105,10 @@ def read_export(path):
         raise UserError(f"{path} is a directory, not a compressed export (a *.sparse.pt file)")
     if not path.is_file():
         raise UserError(f"{path} not found: {MADE_BY['export']}, or pass the path of a *.sparse.pt file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror})") from None
     if not data.startswith(MAGIC):
         what = ("a torch checkpoint, not a compressed export (an export from before "
                 f"{FORMAT} is one too: write it again)") if data.startswith(b"PK\x03\x04") else (
@@ -140,6 +145,8 @@ def decode_tensor(reader, entry, values, shape):
     """The inverse of encode_tensor, reading its streams: -> fp32 tensor of `shape`."""
     codebook_size, num_words, counts = entry
     numel = math.prod(shape)
+    if min(codebook_size, num_words, *counts) < 0:
+        raise ValueError("negative sizes in the header")
     if sum(counts) != numel or len(counts) != alphabet_size(codebook_size):
         raise ValueError(f"a histogram of {sum(counts)} symbols for {numel} weights")
     codebook = reader.take(np.float32, codebook_size)

@@ -46,9 +46,11 @@ def plot_summary(stages, path):
 
 def main(args):
     ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
-    state_path, best_path = ckpt_dir / "finetuned.resume.pt", ckpt_dir / "finetuned.pt"
+    # The best epoch so far waits in finetuned.best.pt: finetuned.pt is written once, complete.
+    state_path, best_path = ckpt_dir / "finetuned.resume.pt", ckpt_dir / "finetuned.best.pt"
     args = resumed_args(args, state_path)
-    ckpt = load_checkpoint(args.checkpoint or ckpt_dir / "pruned.pt", stages=("pruned",))
+    source = args.checkpoint or ckpt_dir / "pruned.pt"
+    ckpt = load_checkpoint(source, stages=("pruned",))
     device = get_device(args.device)
     set_seed(args.seed)
     loaders = load_data_for(ckpt, args, device, train=True)
@@ -76,13 +78,15 @@ def main(args):
                             best_path)
 
     t0 = time.perf_counter()
-    history = fit(model, loaders, args, state_path, on_epoch=keep_best, pruner=pruner, desc="finetune")
+    history = fit(model, loaders, args, state_path, on_epoch=keep_best, pruner=pruner, desc="finetune",
+                  source=source)
     best = load_checkpoint(best_path, stages=("finetuned",))
     model.load_state_dict(best["model"])
     pruner.load_state_dict(best["masks"], device)
     best_epoch = best["metrics"]["best_epoch"]
     metrics = {"val_acc": history[best_epoch - 1]["val_acc"], "test_acc": evaluate(model, loaders["test"]),
-               **measure(model), "best_epoch": best_epoch, "seconds": time.perf_counter() - t0,
+               **measure(model), "best_epoch": best_epoch,
+               "train_seconds": sum(h["seconds"] for h in history), "wall_seconds": time.perf_counter() - t0,
                # in all since the dense model: an iterative chain adds up its rounds
                "finetune_epochs": args.epochs + ckpt["metrics"].get("finetuned", {}).get("finetune_epochs", 0)}
     export_path = ckpt_dir / "finetuned.sparse.pt"
@@ -91,7 +95,8 @@ def main(args):
     if args.export_dtype != "float32":
         metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], metrics["test_acc"])
     out = finetuned_checkpoint(metrics, history)
-    save_checkpoint(out, best_path)
+    path = save_checkpoint(out, ckpt_dir / "finetuned.pt")
+    best_path.unlink()
     state_path.unlink(missing_ok=True)
 
     dense_mib, sparse_mib = dense["size_bits"] / MiB, metrics["size_bits"] / MiB
@@ -109,7 +114,7 @@ def main(args):
     if schedule:  # no one-shot pruned model to show
         del stages["pruned"]
     plot = plot_summary(stages, plot_dir / "summary.png")
-    print(f"saved {best_path}, {export_path} and {plot}")
+    print(f"saved {path}, {export_path} and {plot}")
     return out["metrics"]
 
 

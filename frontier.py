@@ -1,7 +1,7 @@
 """How far can the model be pruned, and which method wins where: many prune +
 finetune runs from one dense model, and the accuracy-sparsity frontier.
 
-    python frontier.py                      # 6 methods x 6 sparsities, GPU-sized
+    python frontier.py                      # 7 methods x 6 sparsities, GPU-sized
     python frontier.py --sparsities 0.8,0.9,0.95 --epochs 2 --train-subset 10000   # CPU-sized
 
 Methods (--methods), each pruned from the same dense checkpoint:
@@ -71,7 +71,9 @@ def load_scan(path, model, dense_sha256):
         float(scan["dense_acc"])
     except (KeyError, TypeError, AttributeError, ValueError):
         raise UserError(f"{path} is not a scan written by sensitivity.py: {fix}") from None
-    if wrong or scan.get("checkpoint_sha256") != dense_sha256:
+    if "checkpoint_sha256" not in scan:
+        raise UserError(f"{path} was written by an older version of sensitivity.py: {fix}")
+    if wrong or scan["checkpoint_sha256"] != dense_sha256:
         raise UserError(f"{path} was scanned on another model than this dense checkpoint: {fix}")
     return scan
 

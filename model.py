@@ -90,12 +90,18 @@ def build_model_from_checkpoint(ckpt):
     return model
 
 
-def main():
+def get_args_parser():
+    from utils import positive_float
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=positive_float, default=1.0,
+                        help="channel multiplier (default: %(default)s)")
+    return parser
+
+
+def main(args):
     from utils import MiB, get_model_macs, get_model_size, get_num_parameters
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier")
-    args = parser.parse_args()
     model = build_model(args.width)
     for name, p in model.named_parameters():
         if p.dim() > 1:
@@ -106,4 +112,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from utils import cli
+
+    cli(main, get_args_parser())

@@ -18,7 +18,7 @@ Zhu & Gupta's cubic schedule instead, recomputing the masks every few steps.
 Iterative pruning (Han et al. 2015): prune a finetuned model further, then finetune again;
 its pruned weights stay pruned:
     python prune.py --checkpoint checkpoints/finetuned.pt --method global --target 0.98
-Writes checkpoints/pruned.pt, pruned.sparse.pt and plots/weights.png.
+Writes checkpoints/pruned.pt, plots/weights.png and, when it prunes now, pruned.sparse.pt.
 """
 import argparse
 import math
@@ -78,7 +78,7 @@ def fine_grained_prune(tensor, sparsity):
     check_fraction(sparsity)
     mask = magnitude_mask(tensor.detach().abs(), round(sparsity * tensor.numel()))
     with torch.no_grad():
-        tensor.mul_(mask)
+        tensor.masked_fill_(~mask, 0.0)  # +0.0: a product with False would keep -0.0
     return mask
 
 
@@ -243,8 +243,8 @@ class FineGrainedPruner:
 
     def __init__(self, model, sparsity_dict, schedule=None, masks=None, random_seed=None):
         check_sparsity_dict(sparsity_dict, get_prunable_names(model))
-        self.masks, self.schedule, self.random_seed = dict(masks or {}), schedule, random_seed
-        self.sparsity = {name: get_sparsity(m.float()) for name, m in self.masks.items()}
+        self.schedule, self.random_seed = schedule, random_seed
+        self.load_state_dict(masks or {})
         self.prune(model, sparsity_dict)
 
     @classmethod
@@ -252,7 +252,6 @@ class FineGrainedPruner:
         """A pruner that re-applies saved masks (from a checkpoint)."""
         pruner = cls.__new__(cls)
         pruner.load_state_dict(masks, device)
-        pruner.sparsity = {name: get_sparsity(m.float()) for name, m in masks.items()}
         pruner.schedule, pruner.random_seed = schedule, None
         return pruner
 
@@ -271,13 +270,14 @@ class FineGrainedPruner:
                     self.random_seed * 1009 + i)  # a stream of its own per tensor
                 self.masks[name] = magnitude_mask(importance(param, held, generator), num_zeros)
                 self.sparsity[name] = num_zeros / param.numel()
-                param.mul_(self.masks[name])
+                param.masked_fill_(~self.masks[name], 0.0)
 
     def state_dict(self):
         return {name: mask.cpu() for name, mask in self.masks.items()}
 
     def load_state_dict(self, masks, device=None):
         self.masks = {name: mask.to(device) for name, mask in masks.items()}
+        self.sparsity = {name: get_sparsity(m.float()) for name, m in self.masks.items()}
 
     @torch.no_grad()
     def apply(self, model, step=None):
@@ -285,7 +285,7 @@ class FineGrainedPruner:
             self.prune(model, self.schedule.sparsity_at(model, step, self.masks))
         for name, param in model.named_parameters():
             if name in self.masks:
-                param.mul_(self.masks[name])
+                param.masked_fill_(~self.masks[name], 0.0)
 
 
 def layer_table(model, sparsity_dict):
@@ -402,6 +402,7 @@ def main(args):
               f"{args.ramp:.0%} of its steps, recomputing the masks every {plural(args.prune_every, 'step')}")
         # The model saved is the source's, unchanged until finetune.py prunes it.
         metrics.update(val_acc=ckpt["metrics"]["val_acc"], test_acc=ckpt["metrics"]["test_acc"])
+        (ckpt_dir / "pruned.sparse.pt").unlink(missing_ok=True)  # an earlier run's, not this model's
     else:
         loaders = load_data_for(ckpt, args, device)
         metrics.update(val_acc=evaluate(model, loaders["val"]), test_acc=evaluate(model, loaders["test"]))

@@ -191,7 +191,8 @@ def main(args):
         print(f"epoch {entry['epoch']} | loss {entry['train_loss']:.4f} | val {entry['val_acc']:.2f}% "
               f"({entry['seconds']:.0f} s)")
 
-    history = fit(model, loaders, args, state_path, on_epoch=report, pruner=quantizer, desc="codebook")
+    history = fit(model, loaders, args, state_path, on_epoch=report, pruner=quantizer, desc="codebook",
+                  source=source)
     masks = {name: c.labels >= 0 for name, c in quantizer.codebooks.items()}
     export_path = ckpt_dir / "quantized.sparse.pt"
     metrics = {"val_acc": history[-1]["val_acc"], "test_acc": evaluate(model, loaders["test"]),

@@ -201,6 +201,7 @@ def main(args):
     sparsities = args.sparsities
     source = args.checkpoint or ckpt_dir / "dense.pt"
     ckpt = load_checkpoint(source, stages=("dense", "finetuned"))
+    sha256 = file_sha256(source)  # now: the scan takes minutes, the file may change meanwhile
     device = get_device(args.device)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     loaders = load_data_for(ckpt, args, device)
@@ -230,7 +231,7 @@ def main(args):
         print(f"--target-sparsity {args.target_sparsity:g}: allowed drop per layer {max_drop:.2f} points")
     result = {"dense_acc": dense_acc, "sparsities": list(sparsities), "accuracy": accuracies,
               "num_parameters": num_parameters, "max_drop": max_drop, "split": split,
-              "num_images": len(loader.images), "checkpoint": str(source), "checkpoint_sha256": file_sha256(source)}
+              "num_images": len(loader.images), "checkpoint": str(source), "checkpoint_sha256": sha256}
     suggestion = suggest_sparsity(dense_acc, sparsities, accuracies, max_drop)
 
     rows = [[n, f"{result['num_parameters'][n]:,}", *(f"{a:.2f}" for a in accs), f"{suggestion[n]:.2f}"]

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data import get_datasets, make_loaders
 from model import build_model
 from utils import (TTA, Interrupted, UserError, add_common_args, autocast, cli, ensure_writable,
-                   evaluate, fraction, fraction_in, get_device, int_in, load_checkpoint, make_checkpoint,
+                   evaluate, file_sha256, fraction, fraction_in, get_device, int_in, load_checkpoint, make_checkpoint,
                    measure, model_summary, nonnegative_float, nonnegative_int, positive_float, positive_int,
                    progress, run_args, save_checkpoint, seed_int, set_seed)
 
@@ -173,7 +173,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoch", val_every=1):
+def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoch", val_every=1, source=None):
     """Train for args.epochs with a per-epoch resumable state at `state_path`.
 
     Returns the history (one dict per epoch). Validation runs every `val_every` epochs
@@ -182,13 +182,18 @@ def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoc
     pruner (anything with apply(model, step), state_dict() and load_state_dict(state,
     device): a FineGrainedPruner, a KMeansQuantizer) runs after every step, and its
     state is saved with the run's.
-    With state_path None, no state is saved."""
+    With state_path None, no state is saved. `source`, the checkpoint the run started
+    from, is recorded in the state: a resume from another one is refused."""
+    origin = None if source is None else file_sha256(source)
     model.train()
     optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.bias_lr_scale)
     scheduler = build_scheduler(optimizer, args.epochs * len(loaders["train"]), args.warmup)
     history, start = [], 0
     if getattr(args, "resume", False):  # frontier.py has no --resume: it resumes per point
         state = load_checkpoint(state_path, stages=("resume",))
+        if state.get("source") != origin:
+            raise UserError(f"{state_path} was saved by a run from another checkpoint than {source}: "
+                            "pass the --checkpoint it started from, or start again without --resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -217,7 +222,7 @@ def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoc
                 save_checkpoint({"stage": "resume", "model": model.state_dict(), "epoch": epoch + 1,
                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                  "rng": rng_state(), "history": history, "args": run_args(args),
-                                 "pruner": pruner and pruner.state_dict()},
+                                 "pruner": pruner and pruner.state_dict(), "source": origin},
                                 state_path)
     except KeyboardInterrupt:
         if state_path is None:

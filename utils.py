@@ -39,10 +39,10 @@ def _number(kind, text, ok, allowed):
     """argparse type helper: parse `text` as `kind`, refuse it unless ok(value)."""
     try:
         value = kind(text)
-    except ValueError:
+        if not (math.isfinite(value) and ok(value)):
+            raise ValueError
+    except (ValueError, OverflowError):  # OverflowError: an int too large for a float
         raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
-    if not (math.isfinite(value) and ok(value)):
-        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
     return value
 
 
@@ -66,14 +66,23 @@ def nonnegative_float(text):
     return _number(float, text, lambda v: v >= 0, "a number of 0 or more")
 
 
+def fraction_in(low_open, high_open):
+    """An argparse type for a fraction in [0, 1], either end open when asked."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
+    def parse(text):
+        return _number(float, text, lambda v: (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1),
+                       f"a fraction in {left}0, 1{right}")
+    parse.__name__ = f"fraction_{left}{right}"
+    return parse
+
+
 def is_fraction(value):
     """True for a real number (not a bool) in [0, 1], such as a sparsity."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 1
 
 
-def fraction(text):
-    """A number in [0, 1], such as a sparsity."""
-    return _number(float, text, is_fraction, "a fraction in [0, 1]")
+fraction = fraction_in(False, False)  # a number in [0, 1], such as a sparsity
 
 
 def fraction_list(text):
@@ -92,17 +101,6 @@ def int_in(low, high):
     def parse(text):
         return _number(int, text, lambda v: low <= v <= high, f"an integer from {low} to {high}")
     parse.__name__ = f"int_in_{low}_{high}"
-    return parse
-
-
-def fraction_in(low_open, high_open):
-    """An argparse type for a fraction in [0, 1], either end open when asked."""
-    left, right = "(" if low_open else "[", ")" if high_open else "]"
-
-    def parse(text):
-        return _number(float, text, lambda v: (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1),
-                       f"a fraction in {left}0, 1{right}")
-    parse.__name__ = f"fraction_{left}{right}"
     return parse
 
 
@@ -306,7 +304,11 @@ STAGES = ("dense", "pruned", "finetuned", "quantized")  # the chain, in order
 
 def describe_load_error(path, error):
     """Why torch.load could not read `path`, in words."""
-    head = path.read_bytes()[:4] if path.stat().st_size else b""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror})"
     if not head:
         return "the file is empty"
     if head != b"PK\x03\x04":

@@ -165,19 +165,40 @@ def test_bad_numbers_are_refused_when_parsed(script, flag, value, allowed, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def failing_download(url, download_root, md5):
+    """What a download cut off halfway leaves: a partial archive, then an error."""
+    Path(download_root).mkdir(parents=True, exist_ok=True)
+    (Path(download_root) / "cifar-10-python.tar.gz").write_bytes(b"partial")
+    raise ConnectionError("the network went away")
+
+
 @pytest.mark.parametrize("script", ["train", "prune", "sensitivity", "finetune", "quantize", "frontier"])
-def test_a_failed_run_leaves_no_empty_folders(script, tmp_path, capsys):
+def test_a_failed_run_leaves_no_empty_folders(script, tmp_path, capsys, monkeypatch):
     """No dense.pt to start from, or no data: the error names it and creates nothing."""
+    import torchvision.datasets.utils
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", failing_download)
     module, parser = PARSERS[script]
     argv = ["--data-dir", str(tmp_path / "data" / "cifar10"), "--checkpoint-dir", str(tmp_path / "a" / "ckpt"),
             "--device", "cpu"]
     if "--plot-dir" in parser().format_help():
         argv += ["--plot-dir", str(tmp_path / "b" / "plots")]
-    if script == "train":  # no data and no internet: the download fails
+    if script == "train":  # no data: the download starts, and fails
         argv += TINY_TRAIN
     code, err = run_cli(module, parser(), argv, capsys)
-    assert code != 0 and err.startswith("error: ")
+    assert code != 0 and err.startswith("error: ") and ("download failed" in err) == (script == "train")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_download_into_an_empty_folder_leaves_it_empty(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets.utils
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", failing_download)
+    (tmp_path / "data").mkdir()
+    argv = ["--data-dir", str(tmp_path / "data"), "--checkpoint-dir", str(tmp_path / "ckpt"), *TINY_TRAIN]
+    code, err = run_cli(train, train.get_train_args_parser(), argv, capsys)
+    assert code != 0 and "download failed" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["data"] and list((tmp_path / "data").iterdir()) == []
 
 
 def test_every_script_explains_itself(capsys):

@@ -42,8 +42,8 @@ def test_gradual_chain_reaches_the_exact_global_count_and_resumes_identically(de
     assert sum(int((a["model"][n] == 0).sum()) for n in names) >= round(0.8 * total)
     assert once["best_epoch"] >= 2  # epoch 1 ends before the ramp does: never the best
 
-    # The same run, stopped in its second epoch, then resumed.
-    interrupt_in_epoch(monkeypatch, 2)
+    # The same run, stopped in its third epoch (after the ramp), then resumed.
+    interrupt_in_epoch(monkeypatch, 3)
     with pytest.raises(Interrupted):
         finetune.main(finetune_args(image_folder, tmp_path / "parts"))
     monkeypatch.undo()
@@ -52,6 +52,8 @@ def test_gradual_chain_reaches_the_exact_global_count_and_resumes_identically(de
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
     assert all(torch.equal(a["masks"][n], b["masks"][n]) for n in a["masks"])
+    assert b["sparsity"] == a["sparsity"] and min(b["sparsity"].values()) > 0
+    assert not (tmp_path / "parts" / "finetuned.best.pt").exists()
     assert resumed["test_acc"] == once["test_acc"]
 
 
@@ -108,3 +110,17 @@ def test_a_method_or_target_given_twice_runs_once(dense, image_folder, tmp_path)
     sweep = frontier.main(sweep_args(image_folder, dense, tmp_path / "f.json", "--methods", "global,global",
                                      "--sparsities", "0.9,0.9"))
     assert [(p["method"], p["target"]) for p in sweep["points"]] == [("global", 0.9)]
+
+
+def test_a_resume_from_another_checkpoint_is_refused(dense, image_folder, tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        prune.main(script_args(prune.get_args_parser(), image_folder, tmp_path / name, "--checkpoint",
+                               str(dense / "dense.pt"), "--method", "global", "--target", "0.5" if name == "a" else "0.7"))
+    interrupt_in_epoch(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        finetune.main(script_args(finetune.get_finetune_args_parser(), image_folder, tmp_path / "a", "--epochs", "2",
+                                  "--batch-size", "32"))
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="another checkpoint"):
+        finetune.main(script_args(finetune.get_finetune_args_parser(), image_folder, tmp_path / "a", "--resume",
+                                  "--checkpoint", str(tmp_path / "b" / "pruned.pt")))
