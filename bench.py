@@ -17,7 +17,8 @@ the naive one. Ratios are repo / baseline from this run only.
 
 --export instead measures the compressed export (export.py) against its information
 bound, on a randomly initialised model pruned with the real code: prune.py's SPARSITY,
-90% everywhere, and SPARSITY plus quantize.py's 4-bit k-means weight sharing.
+90% everywhere, and SPARSITY plus quantize.py's 4-bit k-means weight sharing; with
+--checkpoint, on trained pruned, finetuned or quantized checkpoints instead.
 """
 import argparse
 import multiprocessing
@@ -203,7 +204,8 @@ def get_args_parser():
     add("--scan-images", type=nonnegative_int, default=500,
         help="validation images for the scan timing; 0 skips it (default: %(default)s)")
     add("--export", action="store_true",
-        help="measure only the export against its bound, on a random model (needs no data)")
+        help="measure only the export against its bound, on a random model or the --checkpoint "
+             "files (needs no data)")
     add("--checkpoint", nargs="+", default=None, metavar="FILE",
         help="--export: measure these trained checkpoints (pruned, finetuned or quantized) "
              "instead of a random model")

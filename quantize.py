@@ -5,7 +5,8 @@
 
 Per prunable tensor, the nonzero weights are clustered into at most 2^bits shared
 values by k-means (exact 1-D, or with --init linear Deep Compression's linearly spaced
-start and Lloyd's iterations); pruned weights stay exactly zero and are no cluster. Then the codebook trains: a few epochs through train.fit
+start and Lloyd's iterations); pruned weights stay exactly zero and are no cluster.
+Then the codebook trains: a few epochs through train.fit
 where, after every optimizer step, each centroid becomes the mean of its members and
 each member takes its centroid's value (the labels stay fixed), as in the course.
 Writes checkpoints/quantized.pt and quantized.sparse.pt, where each kept weight is an

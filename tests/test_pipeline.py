@@ -122,3 +122,17 @@ def test_finetune_refuses_a_dense_checkpoint(chain_dir, image_folder, tmp_path):
                        "--checkpoint", str(chain_dir / "dense.pt"))
     with pytest.raises(UserError, match="'dense' checkpoint"):
         finetune.main(args)
+
+
+def test_export_script_and_bench_read_the_chains_files(chain_dir, image_folder):
+    import bench
+    import export
+
+    path = chain_dir / "finetuned.sparse.pt"
+    out = export.main(export.get_args_parser().parse_args([str(path), "--evaluate", "--data-dir", str(image_folder),
+                                                           "--device", "cpu"]))
+    finetuned = load_checkpoint(chain_dir / "finetuned.pt", stages=("finetuned",))["metrics"]
+    assert out["export_bytes"] == path.stat().st_size == finetuned["export_bytes"]
+    assert out["test_acc"] == finetuned["test_acc"]  # the file holds the very model
+    ratios = bench.main(bench.get_args_parser().parse_args(["--export", "--checkpoint", str(chain_dir / "finetuned.pt")]))
+    assert 1.0 <= ratios[str(chain_dir / "finetuned.pt")] <= 1.03
