@@ -34,7 +34,7 @@ import data
 from model import build_model
 from sensitivity import DEFAULT_SPARSITIES
 from utils import (TTA, UserError, cli, format_table, get_device, load_checkpoint, nonnegative_int,
-                   positive_float, positive_int, save_checkpoint, seed_int)
+                   positive_int, save_checkpoint, seed_int, width)
 
 
 def peak_memory_mib(device):
@@ -197,7 +197,7 @@ def get_args_parser():
     add = parser.add_argument
     add("--data-dir", default=data.DEFAULT_DATA_DIR, help="CIFAR-10 folder (default: %(default)s)")
     add("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    add("--width", type=positive_float, default=0.25, help="model width (default: %(default)s)")
+    add("--width", type=width, default=0.25, help="model width (default: %(default)s)")
     add("--batch-size", type=positive_int, default=512, help="(default: %(default)s)")
     add("--steps", type=positive_int, default=5, help="timed batches per phase, after one warm-up (default: %(default)s)")
     add("--workers", type=nonnegative_int, default=2, help="baseline DataLoader workers (default: %(default)s)")
@@ -221,7 +221,12 @@ def main(args):
             return {k: v for path in args.checkpoint for k, v in bench_export_of(path).items()}
         return bench_export(args.width, args.seed)
     device = get_device(args.device)
-    data.load_cifar10(args.data_dir)  # bad data fails here, in one line, before any child starts
+    train_x = data.load_cifar10(args.data_dir)[0]  # bad data fails here, in one line, before any child starts
+    if len(train_x) < args.batch_size * (args.steps + 1):
+        raise UserError(f"{args.data_dir} has {len(train_x):,} training images, fewer than --batch-size x "
+                        f"(--steps + 1) = {args.batch_size * (args.steps + 1):,}: lower either")
+    if args.scan_images >= len(train_x):
+        raise UserError(f"--scan-images must be below the {len(train_x):,} training images")
     print(f"bench: width {args.width}, batch {args.batch_size}, {args.steps} timed steps, device {device}"
           f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}")
     results = {phase: in_child(time_phase, phase, args)

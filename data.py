@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import DEFAULT_DATA_DIR, UserError
+from utils import DEFAULT_DATA_DIR, UserError, plural
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")  # CIFAR-10's label order
@@ -23,7 +23,7 @@ STD = (0.2470, 0.2435, 0.2616)
 EVAL_BATCH_SIZE = 1000
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}  # what torchvision.io decodes and CIFAR copies use
 
 
 # ---------------------------------------------------------------- reading
@@ -38,11 +38,14 @@ def read_pickle_folder(folder):
                 batch = pickle.load(f, encoding="latin1")
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(batch["labels"])
-        return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long)
+        images, labels = torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long)
+        if len(labels) != len(images) or not ((labels >= 0) & (labels < len(CLASSES))).all():
+            raise ValueError(f"{len(labels)} labels (each 0 to 9 expected) for {len(images)} images")
+        return images, labels
 
     try:
         return (*read([f"data_batch_{i}" for i in range(1, 6)]), *read(["test_batch"]))
-    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, IndexError) as e:
         raise UserError(f"{folder} looks like cifar-10-batches-py but cannot be read "
                         f"({type(e).__name__}: {e}); download it again") from None
 
@@ -58,6 +61,8 @@ def read_image_folder(root):
             raise UserError(f"{path} cannot be decoded as an image ({e})") from None
         if image.shape != (3, 32, 32):
             raise UserError(f"{path} is {image.shape[2]}x{image.shape[1]}, not a 32x32 CIFAR-10 image")
+        if image.dtype != torch.uint8:
+            raise UserError(f"{path} has {image.dtype} pixels, not the 8-bit ones of CIFAR-10")
         return image
 
     def read(split):
@@ -72,7 +77,7 @@ def read_image_folder(root):
             images += [load(p) for p in files]
             labels += [label] * len(files)
         if not images:
-            raise UserError(f"{root / split} holds no images (.png or .jpg)")
+            raise UserError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return torch.stack(images), torch.tensor(labels)
 
     return (*read("train"), *read("test"))
@@ -101,6 +106,9 @@ def download(data_dir):
 def load_cifar10(data_dir=DEFAULT_DATA_DIR, allow_download=True):
     """-> (train_x, train_y, test_x, test_y): x (N, 3, 32, 32) uint8, y (N,) int64 on the CPU."""
     root = Path(data_dir)
+    existing = next(p for p in (root, *root.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise UserError(f"--data-dir {root}: {existing} is a file, not a folder")
     if (root / "train").is_dir() and (root / "test").is_dir():
         return read_image_folder(root)
     for folder in (root / "cifar-10-batches-py", root):
@@ -181,8 +189,8 @@ class Loader:
         if batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
         if train and batch_size > len(images):
-            raise UserError(f"--batch-size {batch_size} is larger than the {len(images)} "
-                            "training images: lower it or train on more images")
+            raise UserError(f"--batch-size {batch_size} is larger than the {plural(len(images), 'training image')}: "
+                            "lower it or train on more images")
         if not 0 <= translate < images.shape[-1]:
             raise UserError(f"--translate must be 0 or more pixels and less than the image side "
                             f"({images.shape[-1]}), got {translate}")

@@ -121,6 +121,9 @@ def read_export(path):
         header = json.loads(data[len(MAGIC) + 4:start])
         if header.get("format") != FORMAT:
             raise ValueError(f"format {header.get('format')!r}, this code reads {FORMAT}")
+        config = header["config"]
+        if set(config) != {"width", "num_classes"} or not (0 < config["width"] <= 8 and config["num_classes"] >= 1):
+            raise ValueError(f"a config of {config}")
         payload = data[start:]
         if zlib.crc32(payload) != header["crc32"]:
             raise ValueError("its checksum does not match")

@@ -45,7 +45,9 @@ def plot_summary(stages, path):
 
 
 def main(args):
-    ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
+    ckpt_dir = ensure_writable(args.checkpoint_dir, ("finetuned.pt", "finetuned.best.pt", "finetuned.resume.pt",
+                                                     "finetuned.sparse.pt"))
+    plot_dir = ensure_writable(args.plot_dir, ("summary.png",))
     # The best epoch so far waits in finetuned.best.pt: finetuned.pt is written once, complete.
     state_path, best_path = ckpt_dir / "finetuned.resume.pt", ckpt_dir / "finetuned.best.pt"
     args = resumed_args(args, state_path)

@@ -66,9 +66,12 @@ def load_scan(path, model, dense_sha256):
     scan = read_json(path, "the sensitivity scan that --methods scan needs", fix)
     params = dict(model.named_parameters())
     try:
+        values = [scan["dense_acc"], *scan["sparsities"], *(a for accs in scan["accuracy"].values() for a in accs)]
         wrong = any(n not in params or params[n].numel() != k for n, k in scan["num_parameters"].items())
         wrong = wrong or any(len(a) != len(scan["sparsities"]) for a in scan["accuracy"].values())
-        float(scan["dense_acc"])
+        if (not scan["accuracy"] or set(scan["accuracy"]) != set(scan["num_parameters"])
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise ValueError
     except (KeyError, TypeError, AttributeError, ValueError):
         raise UserError(f"{path} is not a scan written by sensitivity.py: {fix}") from None
     if "checkpoint_sha256" not in scan:
@@ -105,6 +108,15 @@ def run_point(dense, loaders, args, method, target, scan, device):
             "seconds": time.perf_counter() - t0, "layers": dict(pruner.sparsity)}
 
 
+NUMBERS = ("target", "sparsity", "val_acc", "test_acc", "size_bits", "macs", "export_bytes")  # of a point
+
+
+def is_point(p):
+    """Whether `p` is a record frontier.py writes (the numbers it reads back are numbers)."""
+    return (isinstance(p, dict) and p.get("method") in METHODS
+            and all(isinstance(p.get(k), (int, float)) and not isinstance(p.get(k), bool) for k in NUMBERS))
+
+
 def load_sweep(path, dense_record, budget):
     """The points already in frontier.json; a file from another dense model or budget is refused."""
     if not path.exists():
@@ -112,7 +124,7 @@ def load_sweep(path, dense_record, budget):
     fix = "pass another --out, or delete it to start over"
     sweep = read_json(path, "a sweep written by frontier.py", fix)
     if not isinstance(sweep, dict) or not isinstance(sweep.get("points"), list) or not all(
-            isinstance(p, dict) and {"method", "target"} <= set(p) for p in sweep["points"]):
+            map(is_point, sweep["points"])):
         raise UserError(f"{path} is not a sweep written by frontier.py: {fix}")
     if sweep.get("dense") != dense_record or sweep.get("budget") != budget:
         raise UserError(f"{path} holds a sweep of another dense model or finetuning budget: "
@@ -204,10 +216,10 @@ def get_args_parser():
 
 
 def main(args):
-    ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
+    ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir, ("frontier.png",))
     methods, targets = parse_methods(args.methods), args.sparsities
     out = Path(args.out or ckpt_dir / "frontier.json")
-    ensure_writable(out.parent)
+    ensure_writable(out.parent, (out.name,))
     source = Path(args.checkpoint or ckpt_dir / "dense.pt")
     dense_ckpt = load_checkpoint(source, stages=("dense",))
     device = get_device(args.device)

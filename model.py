@@ -91,10 +91,10 @@ def build_model_from_checkpoint(ckpt):
 
 
 def get_args_parser():
-    from utils import positive_float
+    from utils import width
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=positive_float, default=1.0,
+    parser.add_argument("--width", type=width, default=1.0,
                         help="channel multiplier (default: %(default)s)")
     return parser
 

@@ -165,7 +165,7 @@ def allocate(model, method, target=None, sparsity_dict=None, exclude=EXCLUDE, ma
         check_sparsity_dict(sparsity_dict, get_prunable_names(model))
         return dict(sparsity_dict)
     if not is_fraction(target):
-        raise UserError(f"--method {method} needs --target, a fraction in [0, 1] such as 0.9; got {target}")
+        raise UserError(f"--method {method} needs --target FRACTION, the sparsity to reach, e.g. --target 0.9")
     names = [n for n in get_prunable_names(model) if n not in exclude]
     if not names:
         raise UserError("--exclude leaves no tensor to prune")
@@ -199,8 +199,9 @@ def gradual_schedule(model, method, plan, target=None, ramp=0.5, every=10):
     if method == "random":
         raise UserError("--method random is the one-shot control: drop --gradual")
     if grows:
-        raise UserError(f"gradual pruning only raises sparsity, but {grows[0]} is already at "
-                        f"{now[grows[0]]:.3f} and its target is {goal[grows[0]]}")
+        what = "the tensors pruned together are" if method == "global" else f"{grows[0]} is"
+        raise UserError(f"gradual pruning only raises sparsity, but {what} already at "
+                        f"{now[grows[0]]:.3f}, above the target {goal[grows[0]]}")
     if not 0 < ramp <= 1 or every < 1:
         raise UserError(f"--ramp must be in (0, 1] and --prune-every at least 1 step, got {ramp} and {every}")
     return {"method": method, "target": target, "final": dict(plan), "initial": initial,
@@ -364,7 +365,8 @@ def get_args_parser():
 
 
 def main(args):
-    ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
+    ckpt_dir = ensure_writable(args.checkpoint_dir, ("pruned.pt", "pruned.sparse.pt"))
+    plot_dir = ensure_writable(args.plot_dir, ("weights.png",))
     if args.method != "dict" and args.sparsity:
         raise UserError(f"--sparsity is a dict for --method dict; --method {args.method} takes --target")
     if args.method == "dict" and args.target is not None:
@@ -391,7 +393,7 @@ def main(args):
     # Gradual: only the weights that are zero already are masked now (a no-op on a dense model).
     pruner = FineGrainedPruner(model, schedule["initial"] if schedule else plan, masks=held,
                                random_seed=args.seed if args.method == "random" else None)
-    print(layer_table(model, plan))
+    print(layer_table(model, {**pruner.sparsity, **plan}))  # held layers show their sparsity too
     print(size_report(model, dense["size_bits"]))
     metrics = {**measure(model), "method": args.method, "target": args.target, "gradual": args.gradual}
     print(f"MACs per image: dense {dense['macs'] / 1e6:,.1f} M, on nonzero weights "

@@ -164,7 +164,7 @@ def get_quantize_args_parser():
 
 
 def main(args):
-    ckpt_dir = ensure_writable(args.checkpoint_dir)
+    ckpt_dir = ensure_writable(args.checkpoint_dir, ("quantized.pt", "quantized.resume.pt", "quantized.sparse.pt"))
     state_path = ckpt_dir / "quantized.resume.pt"
     args = resumed_args(args, state_path, flags=(*RUN_FLAGS, "bits", "init"))
     source = args.checkpoint or ckpt_dir / "finetuned.pt"

@@ -197,7 +197,8 @@ def get_args_parser():
 
 
 def main(args):
-    ckpt_dir, plot_dir = ensure_writable(args.checkpoint_dir), ensure_writable(args.plot_dir)
+    ckpt_dir = ensure_writable(args.checkpoint_dir, ("sensitivity.json", "sparsity_suggested.json"))
+    plot_dir = ensure_writable(args.plot_dir, ("sensitivity.png", "parameters.png"))
     sparsities = args.sparsities
     source = args.checkpoint or ckpt_dir / "dense.pt"
     ckpt = load_checkpoint(source, stages=("dense", "finetuned"))

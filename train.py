@@ -25,7 +25,7 @@ from model import build_model
 from utils import (TTA, Interrupted, UserError, add_common_args, autocast, cli, ensure_writable,
                    evaluate, file_sha256, fraction, fraction_in, get_device, int_in, load_checkpoint, make_checkpoint,
                    measure, model_summary, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                   progress, run_args, save_checkpoint, seed_int, set_seed)
+                   progress, run_args, save_checkpoint, seed_int, set_seed, width)
 
 # The finetuning recipe that finetune.py and frontier.py share: a few epochs at full size.
 FINETUNE = {"epochs": 10, "lr": 0.05, "batch_size": 256, "low_res_epochs": 0}
@@ -77,7 +77,7 @@ def get_args_parser(description=__doc__, epochs=50, lr=0.05, plots=False, resume
 
 def get_train_args_parser():
     parser = get_args_parser()
-    parser.add_argument("--width", type=positive_float, default=1.0,
+    parser.add_argument("--width", type=width, default=1.0,
                         help="channel multiplier; 0.25 suits a CPU (default: %(default)s)")
     parser.add_argument("--val-size", type=nonnegative_int, default=5000,
                         help="training images held out for validation (default: %(default)s)")
@@ -191,9 +191,9 @@ def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoc
     history, start = [], 0
     if getattr(args, "resume", False):  # frontier.py has no --resume: it resumes per point
         state = load_checkpoint(state_path, stages=("resume",))
-        if state.get("source") != origin:
-            raise UserError(f"{state_path} was saved by a run from another checkpoint than {source}: "
-                            "pass the --checkpoint it started from, or start again without --resume")
+        if state.get("source") != origin or state.get("loop") != desc:
+            raise UserError(f"{state_path} was saved by another script's run, or one from another checkpoint "
+                            f"than {source}: pass the --checkpoint it started from, or start again without --resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -222,7 +222,7 @@ def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoc
                 save_checkpoint({"stage": "resume", "model": model.state_dict(), "epoch": epoch + 1,
                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                  "rng": rng_state(), "history": history, "args": run_args(args),
-                                 "pruner": pruner and pruner.state_dict(), "source": origin},
+                                 "pruner": pruner and pruner.state_dict(), "source": origin, "loop": desc},
                                 state_path)
     except KeyboardInterrupt:
         if state_path is None:
@@ -238,7 +238,8 @@ def resumed_args(args, state_path, flags=RUN_FLAGS):
     if not args.resume:
         return args
     if not Path(state_path).is_file():
-        raise UserError(f"--resume: no saved state at {state_path}; start the run without --resume")
+        what = "is not a file" if Path(state_path).exists() else "does not exist"
+        raise UserError(f"--resume: the saved state {state_path} {what}; start the run without --resume")
     saved = load_checkpoint(state_path, stages=("resume",))["args"]
     for flag in flags:
         if flag in saved:
@@ -254,7 +255,7 @@ def print_epoch(history):
 
 
 def main(args):
-    ckpt_dir = ensure_writable(args.checkpoint_dir)
+    ckpt_dir = ensure_writable(args.checkpoint_dir, ("dense.pt", "dense.resume.pt"))
     state_path = ckpt_dir / "dense.resume.pt"
     args = resumed_args(args, state_path)
     device = get_device(args.device)

@@ -59,11 +59,16 @@ def seed_int(text):
 
 
 def positive_float(text):
-    return _number(float, text, lambda v: v > 0, "a number above 0")
+    return _number(float, text, lambda v: v > 0, "a finite number above 0")
 
 
 def nonnegative_float(text):
-    return _number(float, text, lambda v: v >= 0, "a number of 0 or more")
+    return _number(float, text, lambda v: v >= 0, "a finite number of 0 or more")
+
+
+def width(text):
+    """The channel multiplier: 8 already makes a 1.3-billion-parameter model."""
+    return _number(float, text, lambda v: 0 < v <= 8, "a number above 0 and at most 8")
 
 
 def fraction_in(low_open, high_open):
@@ -224,19 +229,25 @@ def get_model_macs(model, inputs):
 
 # ---------------------------------------------------------------- files
 
-def ensure_writable(folder):
+def ensure_writable(folder, outputs=()):
     """Prove `folder` can be written, before any long work starts, without creating it: a
-    run that fails leaves no empty folder behind. The folder is made when a file is written."""
+    run that fails leaves no empty folder behind (files make their folders when written).
+    Each of `outputs`, file names in it, must be a name the file system takes and no folder."""
     folder = Path(folder)
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
     try:
+        existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
         if not existing.is_dir():
             raise NotADirectoryError(20, "a file is in the way")
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UserError(f"cannot write to {folder}/ ({e.strerror} at {existing}): choose another "
-                        "folder with --checkpoint-dir / --plot-dir / --out") from None
+        raise UserError(f"cannot write to {folder}/ ({e.strerror}): choose another folder with "
+                        "--checkpoint-dir / --plot-dir / --out") from None
+    for name in outputs:
+        if len(f".{name}.12345678.tmp".encode()) > 255:
+            raise UserError(f"{folder / name}: the file name is too long, choose a shorter one")
+        if (folder / name).is_dir():
+            raise UserError(f"{folder / name} is a folder, but this run writes a file there: move it away")
     return folder
 
 
@@ -316,7 +327,7 @@ def describe_load_error(path, error):
     text = str(error)
     if "Weights only load failed" in text:
         return "it holds objects other than tensors and plain values, which weights_only loading refuses"
-    return f"it is truncated or corrupted ({type(error).__name__}: {text.strip().splitlines()[0][:100] if text.strip() else 'no detail'})"
+    return "it is truncated or corrupted (its zip archive cannot be read): write it again"
 
 
 def load_checkpoint(path, stages=("dense", "pruned", "finetuned")):
@@ -325,6 +336,8 @@ def load_checkpoint(path, stages=("dense", "pruned", "finetuned")):
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory, not a checkpoint: point --checkpoint at a .pt file")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a regular file: point --checkpoint at a .pt file")
     if not path.is_file():
         raise UserError(f"{path} not found: {MADE_BY[stages[0]]}, or point --checkpoint at an existing file")
     try:
@@ -337,10 +350,11 @@ def load_checkpoint(path, stages=("dense", "pruned", "finetuned")):
         wanted = " or ".join(repr(s) for s in stages)
         raise UserError(f"{path} is a {ckpt['stage']!r} checkpoint, but this script needs "
                         f"{wanted}: {MADE_BY[stages[0]]}")
-    metrics = ckpt.get("metrics", {})
-    if ckpt["stage"] in STAGES and not (
-            {"val_acc", "test_acc", "size_bits", "macs"} <= set(metrics)
-            and (ckpt["stage"] == "dense" or "checkpoint_bytes" in metrics.get("dense", {}))):
+    metrics = ckpt.get("metrics")
+    dense = metrics.get("dense") if isinstance(metrics, dict) else None
+    current = (isinstance(metrics, dict) and {"val_acc", "test_acc", "size_bits", "macs"} <= set(metrics)
+               and (ckpt["stage"] == "dense" or isinstance(dense, dict) and "checkpoint_bytes" in dense))
+    if ckpt["stage"] in STAGES and not current:
         raise UserError(f"{path} was written by an older version of this repo (its metrics lack "
                         "this version's fields): run the chain again from train.py")
     return ckpt
@@ -404,7 +418,7 @@ def cli(main, parser, argv=None):
     try:
         return main(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: nothing was saved from this run", file=sys.stderr)
+        print("\ninterrupted: the run did not finish, its results are not written", file=sys.stderr)
         sys.exit(Interrupted.exit_code)
     except UserError as e:
         prefix = "\ninterrupted" if isinstance(e, Interrupted) else "error"

@@ -1,6 +1,8 @@
 """What a user sees: bad input ends with one line on stderr and a non-zero exit, no
 traceback, no file changed; an interrupted run resumes to the very same result."""
+import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -42,6 +44,27 @@ def bad_json(tmp_path, text, name="s.json"):
     return str(path)
 
 
+def pickled(tmp_path, batch):
+    """A cifar-10-batches-py folder whose every batch holds `batch`."""
+    folder = tmp_path / "pickled" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(batch))
+    return folder.parent
+
+
+def folder_named(tmp_path, name):
+    """A checkpoint folder in which `name` is a folder."""
+    (tmp_path / "outputs" / name).mkdir(parents=True)
+    return tmp_path / "outputs"
+
+
+def hand_made(tmp_path, **fields):
+    path = tmp_path / "hand.pt"
+    torch.save({"stage": "dense", "model": {}, **fields}, path)
+    return path
+
+
 BAD_INPUTS = [  # (script, extra args, what the one line must say)
     ("prune", lambda t: ["--sparsity", bad_json(t, "{not json")], "is not valid JSON"),
     ("prune", lambda t: ["--sparsity", bad_json(t, "")], "is empty"),
@@ -80,17 +103,30 @@ BAD_INPUTS = [  # (script, extra args, what the one line must say)
     ("frontier", lambda t: ["--methods", "scan", "--scan", bad_json(t, "[1, 2")], "is not valid JSON"),
     ("frontier", lambda t: ["--out", bad_json(t, '{"points": 3}')], "not a sweep written by frontier.py"),
     ("frontier", lambda t: ["--out", bad_json(t, "")], "is empty"),
-    ("frontier", lambda t: ["--out", str(t)], "is a directory"),
+    ("frontier", lambda t: ["--out", str(t)], "is a folder, but this run writes a file there"),
+    ("frontier", lambda t: ["--out", bad_json(t, '{"points": [{"method": "global", "target": "0.8"}]}')],
+     "not a sweep written by frontier.py"),
+    ("frontier", lambda t: ["--methods", "scan", "--scan", bad_json(t, json.dumps(
+        {"dense_acc": "50", "sparsities": [0.5], "accuracy": {}, "num_parameters": {}}))], "not a scan"),
+    ("frontier", lambda t: ["--out", str(t / ("b" * 250)) + ".json"], "the file name is too long"),
+    ("train", lambda t: ["--data-dir", bad_json(t, "a file")], "is a file, not a folder"),
+    ("train", lambda t: ["--data-dir", bad_json(t, "a file") + "/sub"], "is a file, not a folder"),
+    ("train", lambda t: ["--data-dir", str(pickled(t, [1, 2]))], "cannot be read"),
+    ("train", lambda t: ["--data-dir", str(pickled(t, {"data": [[0] * 3072], "labels": [1, 2]}))], "cannot be read"),
+    ("train", lambda t: ["--data-dir", str(pickled(t, {"data": [[0] * 3072], "labels": [99]}))], "cannot be read"),
+    ("train", lambda t: ["--checkpoint-dir", str(folder_named(t, "dense.pt"))], "is a folder, but this run writes"),
+    ("prune", lambda t: ["--checkpoint", str(hand_made(t, metrics=5))], "older version of this repo"),
+    ("bench", lambda t: ["--steps", "1", "--width", "0.0625", "--scan-images", "0"], "fewer than --batch-size"),
     ("quantize", lambda t: ["--checkpoint", "{ckpt}/dense.pt"], "run `python finetune.py` first"),
 ]
 # Every numeric flag is checked when parsed: (scripts, flag, bad values, what is allowed)
 BAD_NUMBERS = [
     (("train", "finetune", "quantize", "frontier"), "--epochs", ("0", "-1", "2.5", "ten"), "an integer of 1 or more"),
     (("train", "finetune", "frontier"), "--batch-size", ("0", "-8"), "an integer of 1 or more"),
-    (("train", "finetune", "quantize"), "--lr", ("0", "-0.1", "nan", "inf"), "a number above 0"),
-    (("train", "frontier"), "--bias-lr-scale", ("0", "-1"), "a number above 0"),
+    (("train", "finetune", "quantize"), "--lr", ("0", "-0.1", "nan", "inf"), "a finite number above 0"),
+    (("train", "frontier"), "--bias-lr-scale", ("0", "-1"), "a finite number above 0"),
     (("train", "finetune"), "--momentum", ("1", "-0.1", "1.5"), "a fraction in [0, 1)"),
-    (("train", "finetune", "frontier"), "--weight-decay", ("-1e-4", "nan"), "a number of 0 or more"),
+    (("train", "finetune", "frontier"), "--weight-decay", ("-1e-4", "nan"), "a finite number of 0 or more"),
     (("train", "finetune", "quantize"), "--label-smoothing", ("2", "-0.1"), "a fraction in [0, 1]"),
     (("train", "finetune"), "--warmup", ("1", "-0.5"), "a fraction in [0, 1)"),
     (("train", "frontier"), "--translate", ("-1", "32"), "an integer from 0 to 31"),
@@ -98,19 +134,19 @@ BAD_NUMBERS = [
     (("train",), "--low-res", ("4", "40"), "an integer from 8 to 32"),
     (("train", "finetune", "frontier"), "--train-subset", ("0", "-5"), "an integer of 1 or more"),
     (("train", "finetune", "quantize"), "--seed", ("-1", "x"), "an integer from 0 to 2**32 - 1"),
-    (("train",), "--width", ("0", "-0.25", "nan"), "a number above 0"),
+    (("train",), "--width", ("0", "-0.25", "nan", "1000"), "a number above 0 and at most 8"),
     (("train",), "--val-size", ("-1",), "an integer of 0 or more"),
     (("train",), "--val-every", ("0",), "an integer of 1 or more"),
     (("prune", "frontier"), "--ramp", ("0", "1.5"), "a fraction in (0, 1]"),
     (("prune", "frontier"), "--prune-every", ("0",), "an integer of 1 or more"),
     (("prune",), "--target", ("1.5", "-0.1", "nan"), "a fraction in [0, 1]"),
     (("sensitivity",), "--scan-size", ("0",), "an integer of 1 or more"),
-    (("sensitivity",), "--max-drop", ("-1",), "a number of 0 or more"),
+    (("sensitivity",), "--max-drop", ("-1",), "a finite number of 0 or more"),
     (("sensitivity",), "--target-sparsity", ("0", "1.2"), "a fraction in (0, 1]"),
     (("quantize",), "--bits", ("0", "9", "four"), "an integer from 1 to 8"),
     (("frontier", "sensitivity"), "--sparsities", ("0.5,2", "x"), "comma-separated fractions in [0, 1]"),
     (("bench",), "--steps", ("0",), "an integer of 1 or more"),
-    (("bench",), "--width", ("0",), "a number above 0"),
+    (("bench",), "--width", ("0", "1e20"), "a number above 0 and at most 8"),
     (("bench",), "--scan-images", ("-1",), "an integer of 0 or more"),
 ]
 PARSERS = {"train": (train, train.get_train_args_parser), "prune": (prune, prune.get_args_parser),

@@ -112,6 +112,8 @@ def more_kept_weights(header):
     (lambda d: rewrite_header(d, more_kept_weights), "corrupted export"),
     (lambda d: rewrite_header(d, lambda h: h.update(format="fine-grained-sparse/9")), "this code reads"),
     (lambda d: rewrite_header(d, lambda h: h["config"].update(width=0.25)), "corrupted export"),
+    (lambda d: rewrite_header(d, lambda h: h["config"].update(num_classes=0)), "a config of"),
+    (lambda d: rewrite_header(d, lambda h: h["tensors"][0].__setitem__(2, -1)), "corrupted export"),
     (lambda d: b"", "not a compressed export"),
     (lambda d: b"hello world", "not a compressed export"),
 ])
