@@ -199,7 +199,8 @@ def get_args_parser():
     add("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     add("--width", type=width, default=0.25, help="model width (default: %(default)s)")
     add("--batch-size", type=positive_int, default=512, help="(default: %(default)s)")
-    add("--steps", type=positive_int, default=5, help="timed batches per phase, after one warm-up (default: %(default)s)")
+    add("--steps", type=positive_int, default=5,
+        help="timed batches per phase, after one warm-up (default: %(default)s)")
     add("--workers", type=nonnegative_int, default=2, help="baseline DataLoader workers (default: %(default)s)")
     add("--scan-images", type=nonnegative_int, default=500,
         help="validation images for the scan timing; 0 skips it (default: %(default)s)")

@@ -266,18 +266,19 @@ def main(args):
     header, payload = read_export(args.export)
     model = load_sparse_export(args.export)  # decodes every stream: a corrupted file fails here
     names, state = list(model.state_dict()), model.state_dict()
-    rows = []
+    rows, coded = [], 0
     for index, codebook_size, words, counts in header["tensors"]:
         p = state[names[index]]
         kept = int(sum(counts[1:]))
         raw = 0 if header["values"] == "shared" else kept * np.dtype(header["values"]).itemsize
+        coded += 4 * (codebook_size + words) + raw
         rows.append([short_name(names[index]), "x".join(map(str, p.shape)), f"{p.numel():,}",
                      f"{1 - kept / p.numel():.4f}", codebook_size or "-", f"{4 * (codebook_size + words) + raw:,}"])
     print(format_table(rows, ["tensor", "shape", "weights", "sparsity", "codebook", "bytes"]))
     size = Path(args.export).stat().st_size
     print(f"{args.export}: {FORMAT}, width {header['config']['width']:g}, {header['values']} values | "
-          f"{size:,} bytes: header {size - len(payload):,}, coded tensors {sum(int(r[-1].replace(',', '')) for r in rows):,}, "
-          f"other tensors raw | computed sparse size {get_model_size(model, count_nonzero_only=True) / 8:,.0f} bytes")
+          f"{size:,} bytes: header {size - len(payload):,}, coded tensors {coded:,}, the other tensors "
+          f"{len(payload) - coded:,} | computed sparse size {get_model_size(model, count_nonzero_only=True) / 8:,.0f} B")
     out = {"export_bytes": size}
     if args.evaluate:
         device = get_device(args.device)

@@ -31,8 +31,8 @@ from prune import (FineGrainedPruner, GradualSchedule, add_pruning_args, allocat
 from sensitivity import drop_for_target, suggest_sparsity
 from train import FINETUNE, fit
 from train import get_args_parser as get_training_args_parser
-from utils import (MiB, Interrupted, UserError, cli, ensure_writable, evaluate, file_sha256, format_table, fraction_list,
-                   get_device, load_checkpoint, measure, plural, pyplot, read_json, save_figure, set_seed,
+from utils import (MiB, Interrupted, UserError, cli, ensure_writable, evaluate, file_sha256, format_table,
+                   fraction_list, get_device, load_checkpoint, measure, plural, pyplot, read_json, save_figure, set_seed,
                    write_json)
 
 METHODS = ("uniform", "global", "scan", "random", "uniform-gradual", "global-gradual", "scan-gradual")

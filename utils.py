@@ -227,6 +227,43 @@ def get_model_macs(model, inputs):
         model.train(was_training)
 
 
+def get_prunable_sparsity(model):
+    """Fraction of zeros over all prunable tensors (dim > 1) together."""
+    prunable = [p for p in model.parameters() if p.dim() > 1]
+    return 1.0 - sum(int(p.count_nonzero()) for p in prunable) / sum(p.numel() for p in prunable)
+
+
+def get_sparse_macs(model, inputs):
+    """MACs of one forward pass that fall on nonzero weights (the dense count minus
+    the products with pruned weights)."""
+    positions = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: positions.__setitem__(
+        name, o[0].numel() // o.shape[1]))  # output positions per sample, per filter
+        for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    # A plain forward pass: under torchprofile's trace the shapes would be tensors.
+    was_training = model.training
+    with torch.no_grad():
+        model.eval()(inputs)
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    macs = get_model_macs(model, inputs)
+    for name, m in model.named_modules():
+        if name in positions:
+            macs -= (m.weight.numel() - int(m.weight.count_nonzero())) * positions[name]
+    return macs
+
+
+def measure(model, sparse=True):
+    """The figures every checkpoint gives of its own model: the sparsity of the prunable
+    weights, the computed size in bits (32 a stored parameter) and the MACs of one 32x32
+    image. A sparse model stores and multiplies only its nonzero weights, a dense one all."""
+    inputs = torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device)
+    return {"sparsity": get_prunable_sparsity(model),
+            "size_bits": get_model_size(model, count_nonzero_only=sparse),
+            "macs": get_sparse_macs(model, inputs) if sparse else get_model_macs(model, inputs)}
+
+
 # ---------------------------------------------------------------- files
 
 def ensure_writable(folder, outputs=()):
@@ -462,43 +499,6 @@ def format_table(rows, headers):
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def get_prunable_sparsity(model):
-    """Fraction of zeros over all prunable tensors (dim > 1) together."""
-    prunable = [p for p in model.parameters() if p.dim() > 1]
-    return 1.0 - sum(int(p.count_nonzero()) for p in prunable) / sum(p.numel() for p in prunable)
-
-
-def get_sparse_macs(model, inputs):
-    """MACs of one forward pass that fall on nonzero weights (the dense count minus
-    the products with pruned weights)."""
-    positions = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: positions.__setitem__(
-        name, o[0].numel() // o.shape[1]))  # output positions per sample, per filter
-        for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    # A plain forward pass: under torchprofile's trace the shapes would be tensors.
-    was_training = model.training
-    with torch.no_grad():
-        model.eval()(inputs)
-    model.train(was_training)
-    for h in hooks:
-        h.remove()
-    macs = get_model_macs(model, inputs)
-    for name, m in model.named_modules():
-        if name in positions:
-            macs -= (m.weight.numel() - int(m.weight.count_nonzero())) * positions[name]
-    return macs
-
-
-def measure(model, sparse=True):
-    """The figures every checkpoint gives of its own model: the sparsity of the prunable
-    weights, the computed size in bits (32 a stored parameter) and the MACs of one 32x32
-    image. A sparse model stores and multiplies only its nonzero weights, a dense one all."""
-    inputs = torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device)
-    return {"sparsity": get_prunable_sparsity(model),
-            "size_bits": get_model_size(model, count_nonzero_only=sparse),
-            "macs": get_sparse_macs(model, inputs) if sparse else get_model_macs(model, inputs)}
 
 
 def model_summary(model, device):

@@ -115,7 +115,7 @@ def test_a_method_or_target_given_twice_runs_once(dense, image_folder, tmp_path)
 def test_a_resume_from_another_checkpoint_is_refused(dense, image_folder, tmp_path, monkeypatch):
     for name in ("a", "b"):
         prune.main(script_args(prune.get_args_parser(), image_folder, tmp_path / name, "--checkpoint",
-                               str(dense / "dense.pt"), "--method", "global", "--target", "0.5" if name == "a" else "0.7"))
+                               str(dense / "dense.pt"), "--method", "global", "--target", {"a": "0.5", "b": "0.7"}[name]))
     interrupt_in_epoch(monkeypatch, 2)
     with pytest.raises(Interrupted):
         finetune.main(script_args(finetune.get_finetune_args_parser(), image_folder, tmp_path / "a", "--epochs", "2",

@@ -134,5 +134,6 @@ def test_export_script_and_bench_read_the_chains_files(chain_dir, image_folder):
     finetuned = load_checkpoint(chain_dir / "finetuned.pt", stages=("finetuned",))["metrics"]
     assert out["export_bytes"] == path.stat().st_size == finetuned["export_bytes"]
     assert out["test_acc"] == finetuned["test_acc"]  # the file holds the very model
-    ratios = bench.main(bench.get_args_parser().parse_args(["--export", "--checkpoint", str(chain_dir / "finetuned.pt")]))
+    argv = ["--export", "--checkpoint", str(chain_dir / "finetuned.pt")]
+    ratios = bench.main(bench.get_args_parser().parse_args(argv))
     assert 1.0 <= ratios[str(chain_dir / "finetuned.pt")] <= 1.03
