@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import sys
 import tempfile
@@ -120,11 +121,11 @@ def get_device(name="auto"):
     """'auto' | 'cpu' | 'cuda' -> torch.device; 'cuda' without CUDA is a UserError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but this machine has no CUDA GPU "
                         "(use --device cpu or --device auto)")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda")
     if name.startswith("cuda"):
         # Batch shapes repeat from step to step, so cuDNN's one-off timing of its conv
         # algorithms pays for itself within the first epoch.
