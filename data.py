@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import DEFAULT_DATA_DIR, UserError, plural
+from utils import DEFAULT_DATA_DIR, UserError, nearest_existing, plural
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")  # CIFAR-10's label order
@@ -106,7 +106,7 @@ def download(data_dir):
 def load_cifar10(data_dir=DEFAULT_DATA_DIR, allow_download=True):
     """-> (train_x, train_y, test_x, test_y): x (N, 3, 32, 32) uint8, y (N,) int64 on the CPU."""
     root = Path(data_dir)
-    existing = next(p for p in (root, *root.parents) if p.exists() or p == p.parent)
+    existing = nearest_existing(root)
     if not existing.is_dir():
         raise UserError(f"--data-dir {root}: {existing} is a file, not a folder")
     if (root / "train").is_dir() and (root / "test").is_dir():

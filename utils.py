@@ -79,7 +79,6 @@ def fraction_in(low_open, high_open):
     def parse(text):
         return _number(float, text, lambda v: (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1),
                        f"a fraction in {left}0, 1{right}")
-    parse.__name__ = f"fraction_{left}{right}"
     return parse
 
 
@@ -106,7 +105,6 @@ def int_in(low, high):
     """An argparse type for an integer in [low, high]."""
     def parse(text):
         return _number(int, text, lambda v: low <= v <= high, f"an integer from {low} to {high}")
-    parse.__name__ = f"int_in_{low}_{high}"
     return parse
 
 
@@ -267,13 +265,19 @@ def measure(model, sparse=True):
 
 # ---------------------------------------------------------------- files
 
+def nearest_existing(path):
+    """`path` itself or its nearest ancestor that exists."""
+    path = Path(path)
+    return next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+
+
 def ensure_writable(folder, outputs=()):
     """Prove `folder` can be written, before any long work starts, without creating it: a
     run that fails leaves no empty folder behind (files make their folders when written).
     Each of `outputs`, file names in it, must be a name the file system takes and no folder."""
     folder = Path(folder)
     try:
-        existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+        existing = nearest_existing(folder)
         if not existing.is_dir():
             raise NotADirectoryError(20, "a file is in the way")
         with tempfile.TemporaryFile(dir=existing):
