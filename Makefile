@@ -3,13 +3,14 @@
 #                 4-bit weight sharing
 # make demo       the same chain at CPU size (width 0.25)
 # make frontier   every method x sparsity from checkpoints/dense.pt (GPU-sized)
+# make frontier-cpu  the README's CPU frontier from the demo's dense.pt (width 0.25)
 # make test       the tests (CPU, tiny generated data, no internet)
 PYTHON ?= python
 DATA_DIR ?= data/cifar10
 DATA = --data-dir $(DATA_DIR)
 SCAN = --scan-size 2000
 
-.PHONY: install pipeline demo frontier test
+.PHONY: install pipeline demo frontier frontier-cpu test
 install:
 	$(PYTHON) -m pip install -r requirements-dev.txt
 
@@ -29,6 +30,10 @@ demo:
 
 frontier:
 	$(PYTHON) frontier.py $(DATA)
+
+frontier-cpu:
+	$(PYTHON) frontier.py $(DATA) --methods uniform,global,global-gradual,global-iterative,random \
+		--sparsities 0.9,0.95,0.98 --epochs 5 --quantize-epochs 1 --jobs 2
 
 test:
 	$(PYTHON) -m pytest

@@ -12,11 +12,13 @@ tensor's codebook. The symbols are ANS-coded (constriction) with the tensor's ow
 histogram, so a tensor costs close to numel x H(histogram) bits, which is its mask's
 entropy plus its kept weights' index entropy: `information_bound`. Unshared kept
 values follow as raw fp32 (or fp16 on request). Every other tensor of the state dict
-(BatchNorm, biases, unpruned layers) is stored raw.
+(BatchNorm, biases, unpruned layers) is stored raw, at its own width, or at 16 bits when
+each of its values is an fp16 value (quantize.py rounds BatchNorm's to them), losslessly.
 
 The file: MAGIC; the header's length (uint32, little-endian); the header (JSON: format,
-config, how values are stored, a CRC-32 of the rest, and per coded tensor its place in
-the state dict, codebook size, ANS word count and histogram); then per coded tensor its
+config, how values are stored, a CRC-32 of the rest, per coded tensor its place in
+the state dict, codebook size, ANS word count and histogram, and the places of the other
+tensors stored at 16 bits); then per coded tensor its
 codebook (fp32), ANS words (uint32) and raw kept values; then the other tensors, in
 state-dict order. Names, shapes and dtypes are not stored: the loader takes them from
 the model that `config` builds. There is no pickle in it, so loading runs no code.
@@ -39,7 +41,8 @@ from utils import (MADE_BY, UserError, add_common_args, atomic_write, cli, evalu
                    get_device, get_model_size, short_name)
 
 MAGIC = b"FGSPARSE"
-FORMAT = "fine-grained-sparse/3"
+FORMAT = "fine-grained-sparse/4"
+READS = ("fine-grained-sparse/3", FORMAT)  # 3: the same without 16-bit other tensors
 VALUES = ("float32", "float16", "shared")  # how a coded tensor's kept values are stored
 
 
@@ -78,6 +81,13 @@ def encode_tensor(tensor, mask, values):
     return [len(codebook), len(words), counts.tolist()], [codebook, words, raw]
 
 
+def stored_dtype(tensor):
+    """The dtype a tensor that is not coded is stored at: float16 when that loses nothing."""
+    if tensor.dtype == torch.float32 and torch.equal(tensor.half().float(), tensor):
+        return torch.float16
+    return tensor.dtype
+
+
 def save_sparse_export(state_dict, masks, config, path, dtype=torch.float32, shared=False):
     """Write the compressed export of a pruned state dict; returns its bytes on disk.
     shared: store each masked tensor's kept values as a codebook plus coded indices."""
@@ -90,10 +100,12 @@ def save_sparse_export(state_dict, masks, config, path, dtype=torch.float32, sha
         entry, streams = encode_tensor(state_dict[name], masks[name], values)
         entries.append([names.index(name), *entry])
         arrays += streams
-    arrays += [v.detach().cpu().contiguous().numpy() for name, v in state_dict.items() if name not in masks]
+    rest = {i: v.detach().cpu() for i, (name, v) in enumerate(state_dict.items()) if name not in masks}
+    half = [i for i, v in rest.items() if stored_dtype(v) == torch.float16]
+    arrays += [v.to(stored_dtype(v)).contiguous().numpy() for v in rest.values()]
     payload = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
     header = json.dumps({"format": FORMAT, "config": config, "values": values, "crc32": zlib.crc32(payload),
-                         "tensors": entries}, separators=(",", ":")).encode()
+                         "tensors": entries, "float16": half}, separators=(",", ":")).encode()
     atomic_write(path, lambda f: f.write(MAGIC + len(header).to_bytes(4, "little") + header + payload))
     return Path(path).stat().st_size
 
@@ -109,9 +121,11 @@ def read_export(path):
         data = path.read_bytes()
     except OSError as err:
         raise UserError(f"cannot read {path} ({err.strerror})") from None
+    if not data:
+        raise UserError(f"{path} is empty: {MADE_BY['export']}")
     if not data.startswith(MAGIC):
         what = ("a torch checkpoint, not a compressed export (an export from before "
-                f"{FORMAT} is one too: write it again)") if data.startswith(b"PK\x03\x04") else (
+                f"{READS[0]} is one too: write it again)") if data.startswith(b"PK\x03\x04") else (
                 "not a compressed export of this repo: exports are the *.sparse.pt files that "
                 "prune.py, finetune.py and quantize.py write")
         raise UserError(f"{path} is {what}")
@@ -119,8 +133,8 @@ def read_export(path):
         length = int.from_bytes(data[len(MAGIC):len(MAGIC) + 4], "little")
         start = len(MAGIC) + 4 + length
         header = json.loads(data[len(MAGIC) + 4:start])
-        if header.get("format") != FORMAT:
-            raise ValueError(f"format {header.get('format')!r}, this code reads {FORMAT}")
+        if header.get("format") not in READS:
+            raise ValueError(f"format {header.get('format')!r}, this code reads {' and '.join(READS)}")
         config = header["config"]
         if set(config) != {"width", "num_classes"} or not (0 < config["width"] <= 8 and config["num_classes"] >= 1):
             raise ValueError(f"a config of {config}")
@@ -145,7 +159,8 @@ class Reader:
 
 
 def decode_tensor(reader, entry, values, shape):
-    """The inverse of encode_tensor, reading its streams: -> fp32 tensor of `shape`."""
+    """The inverse of encode_tensor, reading its streams: -> fp32 tensor of `shape` and its
+    bool mask (True = kept)."""
     codebook_size, num_words, counts = entry
     numel = math.prod(shape)
     if min(codebook_size, num_words, *counts) < 0:
@@ -163,30 +178,34 @@ def decode_tensor(reader, entry, values, shape):
         tensor[kept] = codebook[symbols[kept] - 1]
     else:
         tensor[kept] = reader.take(np.dtype(values), counts[1]).astype(np.float32)
-    return torch.from_numpy(tensor).view(shape)
+    return torch.from_numpy(tensor).view(shape), torch.from_numpy(kept).view(shape)
 
 
-def load_sparse_export(path):
-    """The compressed export -> an ordinary dense model (eval mode, fp32, CPU)."""
+def load_sparse_export(path, with_masks=False):
+    """The compressed export -> an ordinary dense model (eval mode, fp32, CPU), and with
+    with_masks its masks {name: bool tensor, True = kept} too."""
     header, payload = read_export(path)
     try:
         model = build_model(**header["config"])
         template = model.state_dict()
         names = list(template)
         reader = Reader(payload)
-        state = {}
+        state, masks = {}, {}
         for index, *entry in header["tensors"]:
-            state[names[index]] = decode_tensor(reader, entry, header["values"], template[names[index]].shape)
-        for name, t in template.items():
+            name = names[index]
+            state[name], masks[name] = decode_tensor(reader, entry, header["values"], template[name].shape)
+        half = set(header.get("float16", []))
+        for i, (name, t) in enumerate(template.items()):
             if name not in state:
-                state[name] = torch.from_numpy(reader.take(t.numpy().dtype, t.numel()).copy()).view(t.shape)
+                dtype = np.float16 if i in half else t.numpy().dtype
+                state[name] = torch.from_numpy(reader.take(dtype, t.numel()).astype(t.numpy().dtype)).view(t.shape)
         if reader.offset != len(payload):
             raise ValueError(f"{len(payload) - reader.offset} bytes left over")
         model.load_state_dict(state)
     except (KeyError, ValueError, IndexError, RuntimeError, TypeError, OverflowError) as e:
         raise UserError(f"{path} is a corrupted export ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    return model.eval()
+    return (model.eval(), masks) if with_masks else model.eval()
 
 
 def binary_entropy(p):
@@ -203,11 +222,12 @@ def information_bound(model, masks, value_bits=32, shared=False):
     """Bits no lossless format can beat (with iid masks and indices): numel x H(density)
     per mask, plus the kept values: x value_bits each, or, shared, nonzeros x H(index
     histogram) plus the fp32 codebook; plus every other tensor of the state dict
-    (BatchNorm's statistics too) at its own width."""
+    (BatchNorm's statistics too) at the width the export stores it (`stored_dtype`)."""
     bits = 0.0
     for name, p in model.state_dict().items():
         if name not in masks:
-            bits += p.numel() * p.element_size() * 8
+            width = torch.finfo(stored_dtype(p)).bits if p.is_floating_point() else p.element_size() * 8
+            bits += p.numel() * width
             continue
         mask = masks[name].to(p.device)
         bits += p.numel() * binary_entropy(float(mask.float().mean()))
@@ -276,7 +296,7 @@ def main(args):
                      f"{1 - kept / p.numel():.4f}", codebook_size or "-", f"{4 * (codebook_size + words) + raw:,}"])
     print(format_table(rows, ["tensor", "shape", "weights", "sparsity", "codebook", "bytes"]))
     size = Path(args.export).stat().st_size
-    print(f"{args.export}: {FORMAT}, width {header['config']['width']:g}, {header['values']} values | "
+    print(f"{args.export}: {header['format']}, width {header['config']['width']:g}, {header['values']} values | "
           f"{size:,} bytes: header {size - len(payload):,}, coded tensors {coded:,}, the other tensors "
           f"{len(payload) - coded:,} | computed sparse size {get_model_size(model, count_nonzero_only=True) / 8:,.0f} B")
     out = {"export_bytes": size}

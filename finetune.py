@@ -13,6 +13,7 @@ import math
 import time
 
 import torch
+from tqdm import tqdm
 
 from data import load_data_for
 from export import add_export_args, evaluate_export, export_with_report
@@ -44,6 +45,32 @@ def plot_summary(stages, path):
     return save_figure(fig, path)
 
 
+def finetune_model(model, masks, schedule, loaders, args, keep_best, state_path=None, source=None,
+                   desc="finetune"):
+    """Finetune `model` for args.epochs with `masks` held, raised along the gradual
+    `schedule` record if there is one -> (pruner, history): the one finetuning path of
+    finetune.py and frontier.py. keep_best(pruner, history) runs after each epoch that
+    is the best so far by validation among those at the final sparsity."""
+    steps_per_epoch = len(loaders["train"])
+    schedule = schedule and GradualSchedule(schedule, args.epochs * steps_per_epoch)
+    pruner = FineGrainedPruner.from_masks(masks, loaders["train"].device, schedule)
+    # Epochs that end before a gradual ramp does are not at the final sparsity: never "best".
+    first_final_epoch = math.ceil(schedule.ramp_steps / steps_per_epoch) if schedule else 1
+
+    def on_epoch(history):
+        final = history[first_final_epoch - 1:]
+        entry, best = history[-1], max((h["val_acc"] for h in final), default=float("nan"))
+        tqdm.write(f"{desc} epoch {entry['epoch']} Accuracy {entry['val_acc']:.2f}% / Best Accuracy: {best:.2f}%"
+                   f"  ({entry['seconds']:.0f} s)" + ("" if final else " (still pruning)"))
+        if final and not entry["val_acc"] < best:  # NaN (no val split) keeps the latest
+            keep_best(pruner, history)
+
+    set_seed(args.seed)
+    loaders["train"].seed = args.seed  # the run's shuffle and augmentation, also on shared loaders
+    history = fit(model, loaders, args, state_path, on_epoch=on_epoch, pruner=pruner, desc=desc, source=source)
+    return pruner, history
+
+
 def main(args):
     ckpt_dir = ensure_writable(args.checkpoint_dir, ("finetuned.pt", "finetuned.best.pt", "finetuned.resume.pt",
                                                      "finetuned.sparse.pt"))
@@ -54,34 +81,23 @@ def main(args):
     source = args.checkpoint or ckpt_dir / "pruned.pt"
     ckpt = load_checkpoint(source, stages=("pruned",))
     device = get_device(args.device)
-    set_seed(args.seed)
     loaders = load_data_for(ckpt, args, device, train=True)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
-    steps_per_epoch = len(loaders["train"])
-    schedule = ckpt.get("schedule") and GradualSchedule(ckpt["schedule"], args.epochs * steps_per_epoch)
-    pruner = FineGrainedPruner.from_masks(ckpt["masks"], device, schedule)
-    # Epochs that end before a gradual ramp does are not at the final sparsity: never "best".
-    first_final_epoch = math.ceil(schedule.ramp_steps / steps_per_epoch) if schedule else 1
     pruned, dense = ckpt["metrics"], ckpt["metrics"]["dense"]
 
-    def finetuned_checkpoint(metrics, history):
+    def finetuned_checkpoint(metrics, history, pruner):
         return make_checkpoint("finetuned", model, metrics, args, source=ckpt, history=history,
                                masks=pruner.state_dict(), sparsity=pruner.sparsity, schedule=ckpt.get("schedule"))
 
-    def keep_best(history):
-        final = history[first_final_epoch - 1:]
-        entry, best = history[-1], max((h["val_acc"] for h in final), default=float("nan"))
-        print(f"Epoch {entry['epoch']} Accuracy {entry['val_acc']:.2f}% / Best Accuracy: {best:.2f}%"
-              f"  ({entry['seconds']:.0f} s)" + ("" if final else " (still pruning)"))
-        if final and not entry["val_acc"] < best:  # NaN (no val split) keeps the latest
-            # test_acc is measured once, on the best epoch, when the run ends
-            save_checkpoint(finetuned_checkpoint({"val_acc": entry["val_acc"], "test_acc": float("nan"),
-                                                  **measure(model), "best_epoch": entry["epoch"]}, history),
-                            best_path)
+    def keep_best(pruner, history):
+        # test_acc is measured once, on the best epoch, when the run ends
+        save_checkpoint(finetuned_checkpoint({"val_acc": history[-1]["val_acc"], "test_acc": float("nan"),
+                                              **measure(model), "best_epoch": history[-1]["epoch"]},
+                                             history, pruner), best_path)
 
     t0 = time.perf_counter()
-    history = fit(model, loaders, args, state_path, on_epoch=keep_best, pruner=pruner, desc="finetune",
-                  source=source)
+    pruner, history = finetune_model(model, ckpt["masks"], ckpt.get("schedule"), loaders, args, keep_best,
+                                     state_path, source)
     best = load_checkpoint(best_path, stages=("finetuned",))
     model.load_state_dict(best["model"])
     pruner.load_state_dict(best["masks"], device)
@@ -96,7 +112,7 @@ def main(args):
                                       dense["checkpoint_bytes"], args.export_dtype))
     if args.export_dtype != "float32":
         metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], metrics["test_acc"])
-    out = finetuned_checkpoint(metrics, history)
+    out = finetuned_checkpoint(metrics, history, pruner)
     path = save_checkpoint(out, ckpt_dir / "finetuned.pt")
     best_path.unlink()
     state_path.unlink(missing_ok=True)
@@ -105,7 +121,7 @@ def main(args):
     print(f"\nOriginal model size: {dense_mib:.2f} MiB | test accuracy {dense['test_acc']:.2f}%")
     print(f"Sparse model size: {sparse_mib:.2f} MiB = {100 * sparse_mib / dense_mib:.2f}% of the original "
           f"({dense_mib / sparse_mib:.2f}x smaller)")
-    before = "pruned during finetuning" if schedule else f"{pruned['test_acc']:.2f}% before finetuning"
+    before = "pruned during finetuning" if ckpt.get("schedule") else f"{pruned['test_acc']:.2f}% before finetuning"
     print(f"Sparse model test accuracy: {before}, {metrics['test_acc']:.2f}% after "
           f"(best epoch {best_epoch} by validation)")
     print(f"Overall sparsity of the prunable weights: {metrics['sparsity']:.2%} | MACs per image: "
@@ -113,7 +129,7 @@ def main(args):
     stages = {"dense": {"size_mib": dense_mib, "test_acc": dense["test_acc"]},
               "pruned": {"size_mib": pruned["size_bits"] / MiB, "test_acc": pruned["test_acc"]},
               "finetuned": {"size_mib": sparse_mib, "test_acc": metrics["test_acc"]}}
-    if schedule:  # no one-shot pruned model to show
+    if ckpt.get("schedule"):  # no one-shot pruned model to show
         del stages["pruned"]
     plot = plot_summary(stages, plot_dir / "summary.png")
     print(f"saved {path}, {export_path} and {plot}")

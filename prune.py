@@ -176,6 +176,22 @@ def allocate(model, method, target=None, sparsity_dict=None, exclude=EXCLUDE, ma
     raise UserError(f"unknown --method {method!r}: use {', '.join(METHODS)}")
 
 
+def prune_model(model, method, target=None, sparsity_dict=None, exclude=EXCLUDE, held=None, gradual=False,
+                ramp=0.5, every=10, seed=0):
+    """Prune `model` in place -> (FineGrainedPruner, plan {name: sparsity}, gradual schedule
+    record or None): the one pruning path of prune.py and frontier.py.
+
+    `held` masks (of a finetuned model pruned again: iterative pruning) only shrink. With
+    gradual, only the weights that are zero already are masked now (a no-op on a dense
+    model): finetuning raises the sparsity along the schedule."""
+    held = held or {}
+    plan = allocate(model, method, target, sparsity_dict, exclude, held)
+    schedule = gradual_schedule(model, method, plan, target, ramp, every) if gradual else None
+    pruner = FineGrainedPruner(model, schedule["initial"] if schedule else plan, masks=held,
+                               random_seed=seed if method == "random" else None)
+    return pruner, plan, schedule
+
+
 def cubic_sparsity(initial, final, step, ramp_steps):
     """Zhu & Gupta's gradual schedule: s_t = s_f + (s_i - s_f)(1 - t/T)^3 for step t of
     a ramp of T steps; s_f from step T on."""
@@ -380,19 +396,14 @@ def main(args):
     sparsity = load_sparsity_json(args.sparsity) if args.sparsity else SPARSITY
     # Pruning a finetuned model again (iterative pruning) holds its masks: they only shrink.
     held = {n: m.to(device) for n, m in ckpt.get("masks", {}).items()}
-    plan = allocate(model, args.method, args.target, sparsity, exclude, held)
-    schedule = None
-    if args.gradual:
-        schedule = gradual_schedule(model, args.method, plan, args.target, args.ramp, args.prune_every)
+    pruner, plan, schedule = prune_model(model, args.method, args.target, sparsity, exclude, held, args.gradual,
+                                         args.ramp, args.prune_every, args.seed)
     carry = {"checkpoint_bytes": source.stat().st_size} if ckpt["stage"] == "dense" else {}
     dense = {**ckpt["metrics"], **carry} if ckpt["stage"] == "dense" else ckpt["metrics"]["dense"]
     kept_dense = [n for n in get_prunable_names(model) if n not in plan and n not in held]
     if kept_dense:
         print(f"kept dense: {', '.join(kept_dense)}")
 
-    # Gradual: only the weights that are zero already are masked now (a no-op on a dense model).
-    pruner = FineGrainedPruner(model, schedule["initial"] if schedule else plan, masks=held,
-                               random_seed=args.seed if args.method == "random" else None)
     print(layer_table(model, {**pruner.sparsity, **plan}))  # held layers show their sparsity too
     print(size_report(model, dense["size_bits"]))
     metrics = {**measure(model), "method": args.method, "target": args.target, "gradual": args.gradual}

@@ -35,13 +35,14 @@ RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "bias_lr_scale", "momentum", 
              "train_subset", "val_size", "whiten", "dirac")
 
 
-def get_args_parser(description=__doc__, epochs=50, lr=0.05, plots=False, resume=True):
+def get_args_parser(description=__doc__, epochs=50, lr=0.05, plots=False, resume=True, seed=True):
     """train.py's flags; finetune.py, quantize.py and frontier.py reuse them with their own defaults."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, plots)
     add = parser.add_argument
-    add("--seed", type=seed_int, default=0, help="seed for init, split and augmentation (default: %(default)s)")
+    if seed:  # frontier.py takes --seeds
+        add("--seed", type=seed_int, default=0, help="seed for init, split and augmentation (default: %(default)s)")
     add("--epochs", type=positive_int, default=epochs, help="training epochs (default: %(default)s)")
     add("--batch-size", type=positive_int, default=128, help="training batch size (default: %(default)s)")
     add("--lr", type=positive_float, default=lr, help="peak learning rate (default: %(default)s)")

@@ -90,15 +90,22 @@ def is_fraction(value):
 fraction = fraction_in(False, False)  # a number in [0, 1], such as a sparsity
 
 
-def fraction_list(text):
-    """'0.9,0.5,0.9' -> (0.5, 0.9): comma-separated fractions, sorted, each once."""
-    try:
-        values = tuple(fraction(v.strip()) for v in text.split(",") if v.strip())
-    except argparse.ArgumentTypeError:
-        values = ()
-    if not values:
-        raise argparse.ArgumentTypeError(f"must be comma-separated fractions in [0, 1], got {text!r}")
-    return tuple(sorted(set(values)))
+def comma_list(parse, what):
+    """An argparse type: comma-separated values of `parse`'s kind ('0.9,0.5,0.9' ->
+    (0.5, 0.9)), sorted, each once."""
+    def parse_list(text):
+        try:
+            values = tuple(parse(v.strip()) for v in text.split(",") if v.strip())
+        except argparse.ArgumentTypeError:
+            values = ()
+        if not values:
+            raise argparse.ArgumentTypeError(f"must be comma-separated {what}, got {text!r}")
+        return tuple(sorted(set(values)))
+    return parse_list
+
+
+fraction_list = comma_list(fraction, "fractions in [0, 1]")
+seed_list = comma_list(seed_int, "seeds (integers from 0)")
 
 
 def int_in(low, high):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from export import MAGIC, information_bound, load_sparse_export, save_sparse_export
+from export import MAGIC, information_bound, load_sparse_export, save_sparse_export, stored_dtype
 from model import build_model
 from prune import SPARSITY, FineGrainedPruner, allocate
 from quantize import BITS, KMeansQuantizer
@@ -114,7 +114,7 @@ def more_kept_weights(header):
     (lambda d: rewrite_header(d, lambda h: h["config"].update(width=0.25)), "corrupted export"),
     (lambda d: rewrite_header(d, lambda h: h["config"].update(num_classes=0)), "a config of"),
     (lambda d: rewrite_header(d, lambda h: h["tensors"][0].__setitem__(2, -1)), "corrupted export"),
-    (lambda d: b"", "not a compressed export"),
+    (lambda d: b"", "is empty"),
     (lambda d: b"hello world", "not a compressed export"),
 ])
 def test_damaged_exports_are_one_clear_error(export_file, damage, message):
@@ -132,3 +132,44 @@ def test_loader_refuses_what_is_not_an_export(tmp_path):
     dense = save_checkpoint({"model": {}, "stage": "dense"}, tmp_path / "dense.pt")
     with pytest.raises(UserError, match="a torch checkpoint, not a compressed export"):
         load_sparse_export(dense)
+
+
+def test_rounded_rest_is_stored_at_16_bits_losslessly(tmp_path):
+    from quantize import round_rest
+
+    model, masks = pruned_model(0.95)
+    quantizer = KMeansQuantizer(model, BITS)
+    coded = {n: p.detach().clone() for n, p in model.named_parameters() if n in BITS}
+    rest = [n for n, t in model.state_dict().items() if n not in BITS and t.is_floating_point()]
+    wide = [n for n in rest if stored_dtype(model.state_dict()[n]) == torch.float32]  # not fp16 values yet
+    before = save_sparse_export(model.state_dict(), masks, CONFIG, tmp_path / "a.pt", shared=True)
+    bound_before = information_bound(model, masks, shared=True)
+    round_rest(model, quantizer.codebooks)
+    state = model.state_dict()
+    assert all(torch.equal(state[n], coded[n]) for n in coded)  # the codebook tensors are left alone
+    assert all(torch.equal(state[n].half().float(), state[n]) for n in rest)
+    assert wide
+    after = save_sparse_export(model.state_dict(), masks, CONFIG, tmp_path / "b.pt", shared=True)
+    rest_bytes = sum(state[n].numel() * 2 for n in wide)
+    assert before - after == pytest.approx(rest_bytes, abs=100)  # 16 of each 32 bits gone; the header grows
+    assert bound_before - information_bound(model, masks, shared=True) == rest_bytes * 8
+    assert_same(model, load_sparse_export(tmp_path / "b.pt"))
+
+
+def test_format_3_files_are_still_read(tmp_path):
+    model, masks = pruned_model(SPARSITY)
+    with torch.no_grad():  # no fp16 values left among the other tensors: all stored at 32 bits, as format 3 did
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2)
+                m.running_mean.normal_()
+    save_sparse_export(model.state_dict(), masks, CONFIG, tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    assert header_of(data)[0]["float16"] == []
+
+    def as_format_3(header):
+        header["format"] = "fine-grained-sparse/3"
+        del header["float16"]
+
+    (tmp_path / "m.pt").write_bytes(rewrite_header(data, as_format_3))
+    assert_same(model, load_sparse_export(tmp_path / "m.pt"))

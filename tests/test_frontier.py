@@ -59,7 +59,7 @@ def test_gradual_chain_reaches_the_exact_global_count_and_resumes_identically(de
 
 def sweep_args(image_folder, dense, out, *extra):
     return script_args(frontier.get_args_parser(), image_folder, dense, "--epochs", "1", "--batch-size", "32",
-                 "--out", str(out), *extra)
+                       "--bits", "0", "--out", str(out), *extra)
 
 
 def test_frontier_sweeps_resumes_and_plots(dense, image_folder, tmp_path):
@@ -72,7 +72,7 @@ def test_frontier_sweeps_resumes_and_plots(dense, image_folder, tmp_path):
         assert set(p) >= {"method", "target", "sparsity", "val_acc", "test_acc", "export_bytes", "macs", "size_bits"}
         assert p["sparsity"] == pytest.approx(0.9, abs=0.01) and p["export_bytes"] > 0
         assert p["macs"] < sweep["dense"]["macs"]
-    plot = dense.parent / "plots" / "frontier.png"
+    plot = tmp_path / "plots" / "frontier.png"
     assert plot.stat().st_size > 20_000
     umask = os.umask(0)
     os.umask(umask)
@@ -85,7 +85,7 @@ def test_frontier_sweeps_resumes_and_plots(dense, image_folder, tmp_path):
     keys = [(p["method"], p["target"]) for p in again["points"]]
     assert again["points"][:2] == points and len(keys) == len(set(keys))
     assert set(keys[2:]) >= {("global", 0.5), ("uniform-gradual", 0.5), ("scan", 0.5)}
-    with pytest.raises(UserError, match="another dense model or finetuning budget"):
+    with pytest.raises(UserError, match="another dense model or budget"):
         frontier.main(sweep_args(image_folder, dense, out, "--lr", "0.01"))
 
 
