@@ -1,7 +1,8 @@
-"""Speed of the repo's loops against a plain PyTorch baseline, measured in one run.
+"""Speed of the repo's loops against a plain PyTorch baseline and against the machine's
+own matmul peak, measured in one run.
 
-    python bench.py --width 0.25
-    python bench.py --width 1.0 --steps 3
+    python bench.py                          # widths 0.25 and 1.0
+    python bench.py --width 0.25 --profile   # and each op's share of the training step
     python bench.py --export --width 1.0     # the export's size against its bound (no data)
     python bench.py --export --checkpoint checkpoints/finetuned.pt checkpoints/quantized.pt
 
@@ -12,8 +13,15 @@ Same model, width, batch size and images for both sides:
   repo      data.Loader (whole split on the device, batched augmentation), channels_last,
             bf16 autocast where supported, train.train_one_epoch and utils.evaluate.
 Each phase runs in a fresh process, so its peak memory (RSS on the CPU, allocated
-memory on CUDA) is its own. It also times the shared-prefix sensitivity scan against
-the naive one. Ratios are repo / baseline from this run only.
+memory on CUDA) is its own. Ratios are repo / baseline from this run only.
+
+Peak: the best large square matmul throughput of the device in bf16 and in fp32, on the
+same threads, measured first. A training step costs 3x the forward pass's multiply-adds
+(forward, and the backward's two products); the fraction of peak is 3 x MACs x images/s
+over the peak MAC/s of the dtype the side computes in (repo bf16 where autocast has it,
+baseline fp32). --jobs N then times N repo training processes side by side, each with
+1/N of the threads (frontier.py --jobs), against the one with all of them. The scan
+timing (shared-prefix sensitivity scan against the naive one) runs at the smallest width.
 
 --export instead measures the compressed export (export.py) against its information
 bound, on a randomly initialised model pruned with the real code: prune.py's SPARSITY,
@@ -22,10 +30,12 @@ bound, on a randomly initialised model pruned with the real code: prune.py's SPA
 """
 import argparse
 import multiprocessing
+import queue
 from concurrent.futures import ProcessPoolExecutor
 import resource
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,8 +43,11 @@ import torch
 import data
 from model import build_model
 from sensitivity import DEFAULT_SPARSITIES
-from utils import (TTA, UserError, cli, format_table, get_device, load_checkpoint, nonnegative_int,
-                   positive_int, save_checkpoint, seed_int, width)
+from utils import (MAX_WIDTH, TTA, UserError, autocast, cli, comma_list, format_table, get_device, get_model_macs,
+                   load_checkpoint, nonnegative_int, positive_int, resolve_jobs, save_checkpoint, seed_int, tta_views,
+                   width)
+
+width_list = comma_list(width, f"widths (numbers above 0, at most {MAX_WIDTH})")
 
 
 def peak_memory_mib(device):
@@ -70,33 +83,77 @@ def baseline_loader(images, labels, batch_size, train, workers):
         multiprocessing_context="fork" if workers else None)  # Linux's default, as users get it
 
 
-def time_phase(phase, args):
-    """Runs in a child process: -> (images per second, peak memory in MiB)."""
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_macs(device, dtype, seconds=0.5):
+    """The device's best large-matmul throughput in multiply-adds per second."""
+    best = 0.0
+    for n in (1024, 2048, 4096) if device.type == "cpu" else (4096, 8192):
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        a @ b  # warm-up: kernels chosen, memory touched
+        synchronize(device)
+        reps, start = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - start < seconds:
+            a @ b
+            reps += 1
+            if reps % 4 == 0:
+                synchronize(device)
+        synchronize(device)
+        best = max(best, reps * n ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def peaks(args):
+    """Runs in a child process: -> {"bf16": MAC/s, "fp32": MAC/s}. On CUDA the fp32 matmul
+    may use TF32, as cuDNN's fp32 convolutions (the baseline's) do by default."""
+    device = get_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    return {"bf16": peak_macs(device, torch.bfloat16), "fp32": peak_macs(device, torch.float32)}
+
+
+def time_phase(phase, args, model_width, threads=None, barrier=None):
+    """Runs in a child process: -> {"images_per_s", "peak_mib", "start", "end" (wall-clock
+    seconds of the timed pass), "report" (a note or the --profile table, or None)}. With
+    a barrier, the timed pass starts when every job sharing it is ready."""
     import torch.nn.functional as F
 
     from train import build_optimizer, build_scheduler, train_one_epoch
     from utils import evaluate
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
-    device = get_device(args.device)
+    device = get_device(args.device)  # turns cuDNN's autotuner on, as for every script
+    torch.backends.cudnn.benchmark = not phase.endswith("+no-cudnn-benchmark")
     datasets, _ = data.get_datasets(args.data_dir, val_size=0)
     images, labels = datasets["train"]
     n = args.batch_size * (args.steps + 1)  # one warm-up batch, then the timed steps
     images, labels = images[:n], labels[:n]
-    model = build_model(args.width).to(device)
+    model = build_model(model_width).to(device)
     repo = phase.startswith("repo")
+    report = None
     if repo:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, 0.05, 0.9, 5e-4)
     if repo:
-        bs, train = args.batch_size, phase == "repo-train"
+        bs, train = args.batch_size, phase.startswith("repo-train")
+        forward = torch.compile(model) if phase.endswith("+compile") else None
         warm = data.Loader(images[:bs], labels[:bs], bs, device, train=train)
         timed = data.Loader(images[bs:], labels[bs:], bs, device, train=train)
         if train:
             scheduler = build_scheduler(optimizer, 10 * len(timed), 0.2)
-            train_one_epoch(model, warm, optimizer, scheduler, 0.2)
+            t0 = time.perf_counter()
+            train_one_epoch(model, warm, optimizer, scheduler, 0.2, forward=forward)  # compiles, with --compile
+            synchronize(device)
+            if forward is not None:
+                report = f"compiling and the first step took {time.perf_counter() - t0:.1f} s"
+            if barrier is not None:
+                barrier.wait(timeout=600)  # a job that died breaks it: the others fail too, not hang
             start = time.perf_counter()
-            train_one_epoch(model, timed, optimizer, scheduler, 0.2)
+            train_one_epoch(model, timed, optimizer, scheduler, 0.2, forward=forward)
         else:
             evaluate(model, warm)
             start = time.perf_counter()
@@ -117,20 +174,75 @@ def time_phase(phase, args):
             else:
                 with torch.no_grad():
                     model(x).argmax(1).eq(y).sum().item()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return args.batch_size * args.steps / seconds, peak_memory_mib(device)
+    synchronize(device)
+    seconds, end = time.perf_counter() - start, time.time()
+    result = {"images_per_s": args.batch_size * args.steps / seconds, "peak_mib": peak_memory_mib(device),
+              "start": end - seconds, "end": end, "report": report}
+    if args.profile and phase == "repo-train" and barrier is None:  # after the timing: the profiler slows it
+        result["report"] = profile_table(lambda: train_one_epoch(model, timed, optimizer, scheduler, 0.2), device)
+    return result
 
 
-def time_scans(args):
+def profile_table(fn, device, rows=12):
+    """Each op's share of the time of fn() (self time, so no op is counted twice; on CUDA
+    the time of the kernels each op launched), as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        synchronize(device)
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(map(self_time, events)) or 1
+    events.sort(key=self_time, reverse=True)
+    table = [[e.key[:60], f"{self_time(e) / total:.1%}", e.count] for e in events[:rows]]
+    return format_table(table, ["op", "share of the step", "calls"])
+
+
+def job(args, model_width, threads, barrier, results):
+    """One of --jobs side-by-side training processes: puts its timing on `results`."""
+    results.put(time_phase("repo-train", args, model_width, threads, barrier))
+
+
+def time_jobs(args, model_width, jobs):
+    """Images/s of `jobs` repo training processes side by side, each with its share of the
+    threads, their timed passes started together: all their images over the time from the
+    first start to the last end."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(jobs), context.Queue()
+    threads = max(1, torch.get_num_threads() // jobs)
+    processes = [context.Process(target=job, args=(args, model_width, threads, barrier, results))
+                 for _ in range(jobs)]
+    for p in processes:
+        p.start()
+    timings = []
+    try:
+        while len(timings) < jobs:
+            try:
+                timings.append(results.get(timeout=1))
+            except queue.Empty:
+                failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                if failed:
+                    raise UserError(f"a side-by-side training job failed (exit {failed[0]}); its error is "
+                                    "above") from None
+    finally:
+        for p in processes:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+    images = sum(t["images_per_s"] * (t["end"] - t["start"]) for t in timings)
+    return images / (max(t["end"] for t in timings) - min(t["start"] for t in timings))
+
+
+def time_scans(args, model_width):
     """Seconds of the shared-prefix and of the naive sensitivity scan on the same model."""
     from sensitivity import naive_sensitivity_scan, sensitivity_scan
 
     device = get_device(args.device)
     datasets, _ = data.get_datasets(args.data_dir, val_size=args.scan_images)
     loader = data.Loader(*datasets["val"], 1000, device)
-    model = build_model(args.width).to(device, memory_format=torch.channels_last).eval()
+    model = build_model(model_width).to(device, memory_format=torch.channels_last).eval()
     times = {}
     for name, scan in (("naive", naive_sensitivity_scan), ("shared", sensitivity_scan)):
         start = time.perf_counter()
@@ -197,11 +309,20 @@ def get_args_parser():
     add = parser.add_argument
     add("--data-dir", default=data.DEFAULT_DATA_DIR, help="CIFAR-10 folder (default: %(default)s)")
     add("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    add("--width", type=width, default=0.25, help="model width (default: %(default)s)")
+    add("--width", type=width_list, default=(0.25, 1.0),
+        help="comma-separated model widths (default: 0.25,1.0)")
     add("--batch-size", type=positive_int, default=512, help="(default: %(default)s)")
     add("--steps", type=positive_int, default=5,
         help="timed batches per phase, after one warm-up (default: %(default)s)")
     add("--workers", type=nonnegative_int, default=2, help="baseline DataLoader workers (default: %(default)s)")
+    add("--jobs", type=nonnegative_int, default=0,
+        help="also time this many repo training processes side by side, each with its share of "
+             "the threads (frontier.py --jobs); 0 = 2; 1 skips it (default: %(default)s)")
+    add("--compile", action="store_true", help="also time the repo's training step under torch.compile")
+    add("--no-cudnn-benchmark", action="store_true",
+        help="also time it with cuDNN's autotuner off (CUDA only; the scripts turn it on)")
+    add("--profile", action="store_true",
+        help="also print each op's share of the repo's training step (torch.profiler)")
     add("--scan-images", type=nonnegative_int, default=500,
         help="validation images for the scan timing; 0 skips it (default: %(default)s)")
     add("--export", action="store_true",
@@ -220,7 +341,7 @@ def main(args):
     if args.export:
         if args.checkpoint:
             return {k: v for path in args.checkpoint for k, v in bench_export_of(path).items()}
-        return bench_export(args.width, args.seed)
+        return {w: bench_export(w, args.seed) for w in args.width}
     device = get_device(args.device)
     train_x = data.load_cifar10(args.data_dir)[0]  # bad data fails here, in one line, before any child starts
     if len(train_x) < args.batch_size * (args.steps + 1):
@@ -228,23 +349,63 @@ def main(args):
                         f"(--steps + 1) = {args.batch_size * (args.steps + 1):,}: lower either")
     if args.scan_images >= len(train_x):
         raise UserError(f"--scan-images must be below the {len(train_x):,} training images")
-    print(f"bench: width {args.width}, batch {args.batch_size}, {args.steps} timed steps, device {device}"
-          f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}")
-    results = {phase: in_child(time_phase, phase, args)
-               for phase in ("baseline-train", "repo-train", "baseline-eval", "repo-eval")}
-    rows = []
-    for kind in ("train", "eval"):
-        (base, base_mem), (repo, repo_mem) = results[f"baseline-{kind}"], results[f"repo-{kind}"]
-        rows.append([kind, f"{base:,.0f}", f"{repo:,.0f}", f"{repo / base:.2f}x",
-                     f"{base_mem:,.0f}", f"{repo_mem:,.0f}"])
-    print(format_table(rows, ["images/s", "baseline", "repo", "ratio", "baseline peak MiB", "repo peak MiB"]))
+    threads = torch.get_num_threads()
+    jobs = resolve_jobs(args.jobs, 2)
+    print(f"bench: batch {args.batch_size}, {args.steps} timed steps, device "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu, {threads} threads'}")
+    peak = in_child(peaks, args)
+    repo_dtype = "fp32" if isinstance(autocast(device), nullcontext) else "bf16"
+    print(f"peak matmul: bf16 {peak['bf16'] / 1e9:,.0f} GMAC/s, fp32 {peak['fp32'] / 1e9:,.0f} GMAC/s "
+          f"(repo computes in {repo_dtype}, the baseline in fp32)")
+    views = len(tta_views(torch.zeros(1, 3, 2, 2)))
+    levers = [lever for lever, on in (("compile", args.compile),
+                                      ("no-cudnn-benchmark", args.no_cudnn_benchmark and device.type == "cuda")) if on]
+    if args.no_cudnn_benchmark and device.type != "cuda":
+        print("--no-cudnn-benchmark: cuDNN is CUDA's, so there is nothing to time on the CPU; skipped")
+    out = {"peak_macs": peak, "widths": {}}
+    for w in args.width:
+        macs = get_model_macs(build_model(w), torch.zeros(1, 3, 32, 32))
+        lever_phases = [f"repo-train+{lever}" for lever in levers]
+        results = {phase: in_child(time_phase, phase, args, w)
+                   for phase in ["baseline-train", "repo-train", "baseline-eval", "repo-eval", *lever_phases]}
+        rate = {phase: r["images_per_s"] for phase, r in results.items()}
+        # MACs per image: a training step costs 3 forwards, the repo's evaluation one per TTA view
+        fraction = {phase: (views if phase == "repo-eval" else 1 if "eval" in phase else 3) * macs * rate[phase]
+                    / peak["fp32" if phase.startswith("baseline") else repo_dtype] for phase in results}
+        rows = []
+        for phase in ["repo-train", "repo-eval", *lever_phases]:
+            baseline = "baseline-eval" if phase == "repo-eval" else "baseline-train"
+            rows.append([phase.removeprefix("repo-").replace("+", ", "), f"{rate[baseline]:,.0f}", f"{rate[phase]:,.0f}",
+                         f"{rate[phase] / rate[baseline]:.2f}x", f"{fraction[baseline]:.1%}", f"{fraction[phase]:.1%}",
+                         f"{results[baseline]['peak_mib']:,.0f}", f"{results[phase]['peak_mib']:,.0f}"])
+        print(f"--- width {w:g}: {macs / 1e6:,.1f} M multiply-adds per image forward")
+        print(format_table(rows, ["images/s", "baseline", "repo", "ratio", "baseline of fp32 peak",
+                                  f"repo of {repo_dtype} peak", "baseline peak MiB", "repo peak MiB"]))
+        figures = {"train_images_per_s": rate["repo-train"],
+                   "train_ratio": rate["repo-train"] / rate["baseline-train"],
+                   "eval_ratio": rate["repo-eval"] / rate["baseline-eval"],
+                   "train_peak_fraction": fraction["repo-train"], "eval_peak_fraction": fraction["repo-eval"],
+                   "baseline_train_peak_fraction": fraction["baseline-train"]}
+        for lever, phase in zip(levers, lever_phases):
+            note = results[phase]["report"]
+            print(f"{lever}: {rate[phase] / rate['repo-train']:.2f}x the repo's training step" + (f" ({note})" if note else ""))
+            figures[f"{lever}_ratio"] = rate[phase] / rate["repo-train"]
+        if results["repo-train"]["report"]:
+            print(f"the repo's training step, op by op (width {w:g}):\n{results['repo-train']['report']}")
+        if jobs > 1:
+            together = time_jobs(args, w, jobs)
+            alone = rate["repo-train"]
+            print(f"{jobs} training jobs side by side, {max(1, threads // jobs)} thread(s) each: {together:,.0f} "
+                  f"images/s in all ({3 * macs * together / peak[repo_dtype]:.1%} of peak), against "
+                  f"{alone:,.0f} for one job with {threads}: {together / alone:.2f}x")
+            figures.update(jobs=jobs, jobs_images_per_s=together, jobs_ratio=together / alone)
+        out["widths"][w] = figures
     print(f"(repo eval uses {TTA}, a forward pass per view; the baseline one view)")
-    out = {"train_ratio": results["repo-train"][0] / results["baseline-train"][0],
-           "eval_ratio": results["repo-eval"][0] / results["baseline-eval"][0]}
     if args.scan_images:
-        naive, shared = in_child(time_scans, args)
-        print(f"sensitivity scan, 17 layers x {len(DEFAULT_SPARSITIES)} sparsities on {args.scan_images} images: "
-              f"naive {naive:.1f} s, "
+        w = min(args.width)
+        naive, shared = in_child(time_scans, args, w)
+        print(f"sensitivity scan at width {w:g}, 17 layers x {len(DEFAULT_SPARSITIES)} sparsities on "
+              f"{args.scan_images} images: naive {naive:.1f} s, "
               f"shared prefix {shared:.1f} s ({naive / shared:.2f}x faster, identical accuracies)")
         out["scan_ratio"] = naive / shared
     return out

@@ -37,7 +37,7 @@ import torch
 
 from data import EVAL_BATCH_SIZE, Loader, get_datasets
 from model import build_model
-from utils import (MADE_BY, UserError, add_common_args, atomic_write, cli, evaluate, format_table,
+from utils import (MADE_BY, MAX_WIDTH, UserError, add_common_args, atomic_write, cli, evaluate, format_table,
                    get_device, get_model_size, short_name)
 
 MAGIC = b"FGSPARSE"
@@ -101,8 +101,9 @@ def save_sparse_export(state_dict, masks, config, path, dtype=torch.float32, sha
         entries.append([names.index(name), *entry])
         arrays += streams
     rest = {i: v.detach().cpu() for i, (name, v) in enumerate(state_dict.items()) if name not in masks}
-    half = [i for i, v in rest.items() if stored_dtype(v) == torch.float16]
-    arrays += [v.to(stored_dtype(v)).contiguous().numpy() for v in rest.values()]
+    stored = {i: v.to(stored_dtype(v)) for i, v in rest.items()}
+    half = [i for i, v in stored.items() if v.dtype == torch.float16]
+    arrays += [v.contiguous().numpy() for v in stored.values()]
     payload = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
     header = json.dumps({"format": FORMAT, "config": config, "values": values, "crc32": zlib.crc32(payload),
                          "tensors": entries, "float16": half}, separators=(",", ":")).encode()
@@ -136,7 +137,7 @@ def read_export(path):
         if header.get("format") not in READS:
             raise ValueError(f"format {header.get('format')!r}, this code reads {' and '.join(READS)}")
         config = header["config"]
-        if set(config) != {"width", "num_classes"} or not (0 < config["width"] <= 8 and config["num_classes"] >= 1):
+        if set(config) != {"width", "num_classes"} or not (0 < config["width"] <= MAX_WIDTH and config["num_classes"] >= 1):
             raise ValueError(f"a config of {config}")
         payload = data[start:]
         if zlib.crc32(payload) != header["crc32"]:
@@ -226,8 +227,7 @@ def information_bound(model, masks, value_bits=32, shared=False):
     bits = 0.0
     for name, p in model.state_dict().items():
         if name not in masks:
-            width = torch.finfo(stored_dtype(p)).bits if p.is_floating_point() else p.element_size() * 8
-            bits += p.numel() * width
+            bits += p.numel() * stored_dtype(p).itemsize * 8
             continue
         mask = masks[name].to(p.device)
         bits += p.numel() * binary_entropy(float(mask.float().mean()))

@@ -84,10 +84,11 @@ def main(args):
     loaders = load_data_for(ckpt, args, device, train=True)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     pruned, dense = ckpt["metrics"], ckpt["metrics"]["dense"]
+    schedule = ckpt.get("schedule")  # prune.py --gradual: the sparsity rises during finetuning
 
     def finetuned_checkpoint(metrics, history, pruner):
         return make_checkpoint("finetuned", model, metrics, args, source=ckpt, history=history,
-                               masks=pruner.state_dict(), sparsity=pruner.sparsity, schedule=ckpt.get("schedule"))
+                               masks=pruner.state_dict(), sparsity=pruner.sparsity, schedule=schedule)
 
     def keep_best(pruner, history):
         # test_acc is measured once, on the best epoch, when the run ends
@@ -96,7 +97,7 @@ def main(args):
                                              history, pruner), best_path)
 
     t0 = time.perf_counter()
-    pruner, history = finetune_model(model, ckpt["masks"], ckpt.get("schedule"), loaders, args, keep_best,
+    pruner, history = finetune_model(model, ckpt["masks"], schedule, loaders, args, keep_best,
                                      state_path, source)
     best = load_checkpoint(best_path, stages=("finetuned",))
     model.load_state_dict(best["model"])
@@ -121,7 +122,7 @@ def main(args):
     print(f"\nOriginal model size: {dense_mib:.2f} MiB | test accuracy {dense['test_acc']:.2f}%")
     print(f"Sparse model size: {sparse_mib:.2f} MiB = {100 * sparse_mib / dense_mib:.2f}% of the original "
           f"({dense_mib / sparse_mib:.2f}x smaller)")
-    before = "pruned during finetuning" if ckpt.get("schedule") else f"{pruned['test_acc']:.2f}% before finetuning"
+    before = "pruned during finetuning" if schedule else f"{pruned['test_acc']:.2f}% before finetuning"
     print(f"Sparse model test accuracy: {before}, {metrics['test_acc']:.2f}% after "
           f"(best epoch {best_epoch} by validation)")
     print(f"Overall sparsity of the prunable weights: {metrics['sparsity']:.2%} | MACs per image: "
@@ -129,7 +130,7 @@ def main(args):
     stages = {"dense": {"size_mib": dense_mib, "test_acc": dense["test_acc"]},
               "pruned": {"size_mib": pruned["size_bits"] / MiB, "test_acc": pruned["test_acc"]},
               "finetuned": {"size_mib": sparse_mib, "test_acc": metrics["test_acc"]}}
-    if ckpt.get("schedule"):  # no one-shot pruned model to show
+    if schedule:  # no one-shot pruned model to show
         del stages["pruned"]
     plot = plot_summary(stages, plot_dir / "summary.png")
     print(f"saved {path}, {export_path} and {plot}")

@@ -51,7 +51,8 @@ from train import FINETUNE
 from train import get_args_parser as get_training_args_parser
 from utils import (Interrupted, UserError, cli, ensure_writable, evaluate, file_sha256, format_table,
                    fraction_list, get_device, int_in, is_fraction, load_checkpoint, measure, nonnegative_int, plural,
-                   positive_float, positive_int, pyplot, read_json, save_figure, seed_list, write_json)
+                   positive_float, positive_int, pyplot, read_json, resolve_jobs, save_figure, seed_list,
+                   write_json)
 
 ALLOCATIONS = ("uniform", "global", "scan", "random")
 METHODS = (*ALLOCATIONS, "uniform-gradual", "global-gradual", "scan-gradual",
@@ -309,7 +310,7 @@ def run_jobs(chains, jobs, dense_path, args, scan, folder, device, emit):
     several GPUs, a GPU of its own), each taking the next chain when it is free, the
     longest first; emit() runs here, in the parent. A job that fails or dies stops the
     sweep; the runs finished by then are kept."""
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0  # cuda:N: that one
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")
     tasks, queue = context.Queue(), context.Queue()
@@ -475,9 +476,11 @@ def get_args_parser():
         help="codebook training epochs per run, quantize.py's --epochs (default: %(default)s)")
     add("--quantize-lr", type=positive_float, default=0.01,
         help="codebook training learning rate, quantize.py's --lr (default: %(default)s)")
-    add("--jobs", type=nonnegative_int, default=1,
+    add("--jobs", type=nonnegative_int, default=0,
         help="runs at once, each in a process of its own with a share of the threads (and, with "
-             "several GPUs, a GPU each); 0 = one per CPU core (default: %(default)s)")
+             "several GPUs and --device cuda, a GPU each); 0 = two on a CPU (at width 0.25 two "
+             "processes side by side beat one with all the threads: bench.py), one per GPU on "
+             "CUDA (default: %(default)s)")
     add("--scan", default=None, metavar="FILE.json",
         help="the scan for the scan methods (default: <checkpoint-dir>/sensitivity.json)")
     add("--out", default=None, help="the sweep's JSON; the runs' exports go to the folder of the same "
@@ -502,18 +505,20 @@ def main(args):
     if not dense_ckpt["split"]["val_size"]:
         raise UserError(f"{source} was trained with --val-size 0, but a run keeps its best epoch by validation: "
                         "train the dense model with a validation split")
-    scan = load_scan(args.scan or ckpt_dir / "sensitivity.json", model, file_sha256(source)) if any(
+    source_sha256 = file_sha256(source)
+    scan = load_scan(args.scan or ckpt_dir / "sensitivity.json", model, source_sha256) if any(
         m.startswith("scan") for m in methods) else None
     figures = {k: dense_ckpt["metrics"][k] for k in ("val_acc", "test_acc", "size_bits", "macs")}
     dense = {"width": dense_ckpt["config"]["width"], **figures, "checkpoint_bytes": source.stat().st_size,
-             "checkpoint_sha256": file_sha256(source)}
+             "checkpoint_sha256": source_sha256}
     budget = {k: getattr(args, k) for k in BUDGET_FLAGS}
     points = load_sweep(out, dense, budget)
     chains = plan_chains(methods, targets, seeds, points)
     check_starts(chains, folder, dense_ckpt["config"])
     todo = sum(map(len, chains))
     ensure_writable(folder, [export_name(run, bits) for chain in chains for run, _ in chain for bits in (0, args.bits)])
-    jobs = min(args.jobs or multiprocessing.cpu_count(), len(chains)) if chains else 0
+    gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 1
+    jobs = min(resolve_jobs(args.jobs, gpus if device.type == "cuda" else 2), len(chains))
     print(f"{plural(len(points), 'run')} in {out}, {plural(todo, 'run')} to do"
           + (f" in {plural(jobs, 'job')}" if jobs > 1 else ""))
     done = []

@@ -288,6 +288,7 @@ class FineGrainedPruner:
                 self.masks[name] = magnitude_mask(importance(param, held, generator), num_zeros)
                 self.sparsity[name] = num_zeros / param.numel()
                 param.masked_fill_(~self.masks[name], 0.0)
+        self.factors = None  # apply() rebuilds them from the new masks
 
     def state_dict(self):
         return {name: mask.cpu() for name, mask in self.masks.items()}
@@ -295,14 +296,17 @@ class FineGrainedPruner:
     def load_state_dict(self, masks, device=None):
         self.masks = {name: mask.to(device) for name, mask in masks.items()}
         self.sparsity = {name: get_sparsity(m.float()) for name, m in self.masks.items()}
+        self.factors = None
 
     @torch.no_grad()
     def apply(self, model, step=None):
         if self.schedule is not None and step is not None and self.schedule.due(step):
             self.prune(model, self.schedule.sparsity_at(model, step, self.masks))
-        for name, param in model.named_parameters():
-            if name in self.masks:
-                param.masked_fill_(~self.masks[name], 0.0)
+        params = dict(model.named_parameters())
+        if self.factors is None:  # 1.0 kept, 0.0 pruned, laid out as each weight (channels_last)
+            self.factors = [torch.zeros_like(params[name]).masked_fill_(mask, 1.0) for name, mask in self.masks.items()]
+        if self.factors:  # one multi-tensor multiply instead of a masked_fill_ per tensor
+            torch._foreach_mul_([params[name] for name in self.masks], self.factors)
 
 
 def layer_table(model, sparsity_dict):

@@ -17,6 +17,7 @@ from collections import namedtuple
 import ckwrap
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import load_data_for
@@ -84,20 +85,20 @@ def k_means_quantize(tensor, bitwidth=4, codebook=None, init="exact"):
         else:  # one distinct value (or none: a fully pruned tensor) is its own codebook
             centroids, labels[kept] = (distinct if len(distinct) else values.new_zeros(1)), 0
         codebook = Codebook(centroids, labels.view(tensor.shape))
-    shared = codebook.centroids[codebook.labels.clamp(min=0)]
-    tensor.copy_(torch.where(codebook.labels >= 0, shared, torch.zeros_like(shared)).to(tensor.dtype))
+    bins = codebook.labels + 1  # bin 0 (pruned) reads the 0.0 in front of the centroids
+    tensor.copy_(F.pad(codebook.centroids, (1, 0))[bins].to(tensor.dtype))
     return codebook
 
 
 @torch.no_grad()
-def update_codebook(tensor, codebook):
-    """Each centroid becomes the mean of its members' current values (empty ones stay)."""
-    # Bin 0 collects the pruned weights (label -1): no boolean indexing, so no device
-    # sync in this per-step hook.
-    bins = codebook.labels.flatten() + 1
+def update_codebook(tensor, codebook, bins=None, counts=None):
+    """Each centroid becomes the mean of its members' current values (empty ones stay).
+    bins (labels + 1, flat) and counts (members per bin), fixed while the labels are, can
+    be passed to save recomputing them at every step."""
+    bins = codebook.labels.flatten() + 1 if bins is None else bins  # bin 0: the pruned weights
     k = len(codebook.centroids)
+    counts = torch.bincount(bins, minlength=k + 1)[1:] if counts is None else counts
     sums = torch.zeros(k + 1, device=bins.device).index_add_(0, bins, tensor.detach().flatten().float())[1:]
-    counts = torch.bincount(bins, minlength=k + 1)[1:]
     codebook.centroids.copy_(torch.where(counts > 0, sums / counts.clamp(min=1), codebook.centroids))
 
 
@@ -110,22 +111,46 @@ class KMeansQuantizer:
 
     def __init__(self, model, bits, init="exact"):
         params = dict(model.named_parameters())
-        self.codebooks = {name: k_means_quantize(params[name], b, init=init) for name, b in bits.items()}
+        self.set_codebooks({name: k_means_quantize(params[name], b, init=init) for name, b in bits.items()})
+
+    def set_codebooks(self, codebooks):
+        """Hold every tensor's codebook in one flat one (labels offset, centroids end to end,
+        the per-tensor centroids views of it), and its bins and counts, which stay fixed while
+        the labels do: a training step's update is then a few ops over all tensors at once
+        instead of a few per tensor, plus a copy back into each."""
+        self.codebooks = dict(codebooks)
+        if not codebooks:
+            return
+        sizes = [len(c.centroids) for c in codebooks.values()]
+        offsets = np.cumsum([0, *sizes]).tolist()
+        centroids = torch.cat([c.centroids for c in codebooks.values()])
+        labels = torch.cat([torch.where(c.labels >= 0, c.labels + off, -1).flatten()
+                            for c, off in zip(codebooks.values(), offsets)])
+        self.packed = Codebook(centroids, labels)
+        self.bins = labels + 1
+        self.counts = torch.bincount(self.bins, minlength=len(centroids) + 1)[1:]
+        self.codebooks = {name: Codebook(centroids[a:b], c.labels)
+                          for (name, c), a, b in zip(codebooks.items(), offsets, offsets[1:])}
 
     @torch.no_grad()
     def apply(self, model, step=None):
-        for name, param in model.named_parameters():
-            if name in self.codebooks:
-                if step is not None:  # during training: the codebook learns
-                    update_codebook(param, self.codebooks[name])
-                k_means_quantize(param, codebook=self.codebooks[name])
+        if not self.codebooks:
+            return
+        params = dict(model.named_parameters())
+        tensors = [params[name] for name in self.codebooks]
+        flat = torch.cat([t.detach().flatten() for t in tensors])
+        if step is not None:  # during training: the codebook learns
+            update_codebook(flat, self.packed, self.bins, self.counts)
+        shared = F.pad(self.packed.centroids, (1, 0))[self.bins]  # k_means_quantize's write, bins kept
+        torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(shared.split([t.numel() for t in tensors]), tensors)])
 
     def state_dict(self):
-        return {name: {"centroids": c.centroids.cpu(), "labels": c.labels.cpu()} for name, c in self.codebooks.items()}
+        return {name: {"centroids": c.centroids.cpu().clone(), "labels": c.labels.cpu()}
+                for name, c in self.codebooks.items()}
 
     def load_state_dict(self, state, device=None):
-        self.codebooks = {name: Codebook(s["centroids"].to(device), s["labels"].to(device))
-                          for name, s in state.items()}
+        self.set_codebooks({name: Codebook(s["centroids"].to(device), s["labels"].to(device))
+                            for name, s in state.items()})
 
 
 def check_bits(bits, valid_names):

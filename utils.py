@@ -67,9 +67,12 @@ def nonnegative_float(text):
     return _number(float, text, lambda v: v >= 0, "a finite number of 0 or more")
 
 
+MAX_WIDTH = 8  # already a 1.3-billion-parameter model
+
+
 def width(text):
-    """The channel multiplier: 8 already makes a 1.3-billion-parameter model."""
-    return _number(float, text, lambda v: 0 < v <= 8, "a number above 0 and at most 8")
+    """The channel multiplier, in (0, MAX_WIDTH]."""
+    return _number(float, text, lambda v: 0 < v <= MAX_WIDTH, f"a number above 0 and at most {MAX_WIDTH}")
 
 
 def fraction_in(low_open, high_open):
@@ -136,6 +139,16 @@ def get_device(name="auto"):
         # algorithms pays for itself within the first epoch.
         torch.backends.cudnn.benchmark = True
     return torch.device(name)
+
+
+def resolve_jobs(jobs, auto):
+    """--jobs N: processes at once, 0 meaning `auto`. Each needs a CPU core of its own (on
+    CUDA too, to drive the GPU): more is refused rather than left to thrash."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if jobs > cores:
+        raise UserError(f"--jobs {jobs} is more than the {plural(cores, 'CPU core')} this process may use: "
+                        f"pass at most {cores}")
+    return jobs or max(1, min(auto, cores))
 
 
 def set_seed(seed):
@@ -278,6 +291,11 @@ def nearest_existing(path):
     return next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
 
 
+def temp_name(name, tag="12345678"):
+    """The name atomic_write gives its file before the rename (tag: 8 random hex digits)."""
+    return f".{name}.{tag}.tmp"
+
+
 def ensure_writable(folder, outputs=()):
     """Prove `folder` can be written, before any long work starts, without creating it: a
     run that fails leaves no empty folder behind (files make their folders when written).
@@ -293,7 +311,7 @@ def ensure_writable(folder, outputs=()):
         raise UserError(f"cannot write to {folder}/ ({e.strerror}): choose another folder with "
                         "--checkpoint-dir / --plot-dir / --out") from None
     for name in outputs:
-        if len(f".{name}.12345678.tmp".encode()) > 255:
+        if len(temp_name(name).encode()) > 255:
             raise UserError(f"{folder / name}: the file name is too long, choose a shorter one")
         if (folder / name).is_dir():
             raise UserError(f"{folder / name} is a folder, but this run writes a file there: move it away")
@@ -306,7 +324,7 @@ def atomic_write(path, write):
     permissions the umask gives any new file (mkstemp's would be 0600)."""
     path = Path(path)
     ensure_writable(path.parent).mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(temp_name(path.name, secrets.token_hex(4)))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -121,6 +121,8 @@ BAD_INPUTS = [  # (script, extra args, what the one line must say)
     ("prune", lambda t: ["--checkpoint", str(hand_made(t, metrics=5))], "older version of this repo"),
     ("bench", lambda t: ["--steps", "1", "--width", "0.0625", "--scan-images", "0"], "fewer than --batch-size"),
     ("quantize", lambda t: ["--checkpoint", "{ckpt}/dense.pt"], "run `python finetune.py` first"),
+    ("bench", lambda t: ["--jobs", "999", "--batch-size", "8", "--steps", "1", "--scan-images", "0"], "--jobs 999 is more than"),
+    ("frontier", lambda t: ["--jobs", "999"], "--jobs 999 is more than"),
 ]
 # Every numeric flag is checked when parsed: (scripts, flag, bad values, what is allowed)
 BAD_NUMBERS = [
@@ -154,7 +156,8 @@ BAD_NUMBERS = [
     (("frontier",), "--quantize-lr", ("0", "nan"), "a finite number above 0"),
     (("frontier",), "--jobs", ("-1", "two"), "an integer of 0 or more"),
     (("bench",), "--steps", ("0",), "an integer of 1 or more"),
-    (("bench",), "--width", ("0", "1e20"), "a number above 0 and at most 8"),
+    (("bench",), "--width", ("0", "1e20", "0.25,x", ","), "comma-separated widths (numbers above 0, at most 8)"),
+    (("bench",), "--jobs", ("-1",), "an integer of 0 or more"),
     (("bench",), "--scan-images", ("-1",), "an integer of 0 or more"),
 ]
 PARSERS = {"train": (train, train.get_train_args_parser), "prune": (prune, prune.get_args_parser),

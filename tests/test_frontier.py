@@ -59,7 +59,7 @@ def test_gradual_chain_reaches_the_exact_global_count_and_resumes_identically(de
 
 def sweep_args(image_folder, dense, out, *extra):
     return script_args(frontier.get_args_parser(), image_folder, dense, "--epochs", "1", "--batch-size", "32",
-                       "--bits", "0", "--out", str(out), *extra)
+                       "--bits", "0", "--out", str(out), "--jobs", "1", *extra)
 
 
 def test_frontier_sweeps_resumes_and_plots(dense, image_folder, tmp_path):

@@ -88,6 +88,20 @@ def test_finetune_keeps_every_mask(chain_dir):
     assert (chain_dir.parent / "plots" / "summary.png").exists()
 
 
+def test_a_compiled_finetune_still_holds_every_mask(chain, image_folder, monkeypatch):
+    # The compiled module names its weights "_orig_mod.*": the masks must still reach them.
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or real_compile(model))
+    finetune.main(script_args(finetune.get_finetune_args_parser(), image_folder, chain, "--epochs", "1",
+                              "--batch-size", "32", "--compile", "--lr", "0.5"))
+    assert len(compiled) == 1  # the real torch.compile ran the step
+    ckpt = load_checkpoint(chain / "finetuned.pt", stages=("finetuned",))
+    for name, mask in ckpt["masks"].items():
+        assert (ckpt["model"][name][~mask] == 0).all() and (ckpt["model"][name][mask] != 0).any(), name
+    assert ckpt["args"]["compile"] is True
+
+
 def test_iterative_pruning_only_shrinks_the_masks(chain, image_folder):
     """Prune the finetuned model further, finetune again, twice: no kept weight comes back."""
     first = load_checkpoint(chain / "finetuned.pt", stages=("finetuned",))

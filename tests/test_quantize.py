@@ -165,3 +165,39 @@ def test_update_codebook_moves_each_centroid_to_its_members_mean():
     codebook = quantize.Codebook(torch.tensor([0.0, 9.0, 0.0]), labels)
     quantize.update_codebook(tensor, codebook)
     assert codebook.centroids.tolist() == [1.5, 9.0, 5.0]  # centroid 1 has no member: it stays
+
+
+def test_the_packed_step_is_the_per_tensor_one():
+    # KMeansQuantizer updates all tensors as one flat codebook; it must equal the course's
+    # one-tensor-at-a-time update_codebook + k_means_quantize, in channels_last too.
+    torch.manual_seed(0)
+    model = build_model(0.0625).to(memory_format=torch.channels_last)
+    FineGrainedPruner(model, {name: 0.8 for name in SPARSITY})
+    quantizer = KMeansQuantizer(model, {name: 3 for name in SPARSITY})
+    reference = {name: quantize.Codebook(c.centroids.clone(), c.labels.clone()) for name, c in quantizer.codebooks.items()}
+    copy = build_model(0.0625).to(memory_format=torch.channels_last)
+    copy.load_state_dict(model.state_dict())
+    params, copied = dict(model.named_parameters()), dict(copy.named_parameters())
+    for _ in range(3):
+        with torch.no_grad():
+            for name in SPARSITY:
+                drift = torch.randn_like(params[name]) * 0.01
+                params[name].add_(drift)
+                copied[name].add_(drift)
+        quantizer.apply(model, step=1)
+        for name, codebook in reference.items():
+            quantize.update_codebook(copied[name], codebook)
+            k_means_quantize(copied[name], codebook=codebook)
+        for name in SPARSITY:
+            assert torch.allclose(params[name], copied[name], atol=1e-7), name
+            assert torch.allclose(quantizer.codebooks[name].centroids, reference[name].centroids, atol=1e-7), name
+    state = quantizer.state_dict()  # per tensor, as the checkpoints hold it
+    assert set(state) == set(SPARSITY) and all(len(s["centroids"]) <= 8 for s in state.values())
+
+
+def test_no_tensor_to_prune_or_share_is_a_no_op():
+    model = build_model(0.0625)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    FineGrainedPruner(model, {}).apply(model, step=1)
+    KMeansQuantizer(model, {}).apply(model, step=1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

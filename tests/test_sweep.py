@@ -24,7 +24,7 @@ BUDGET = ("--epochs", "2", "--batch-size", "32")
 
 def sweep(image_folder, ckpt, out, *extra):
     return frontier.main(script_args(frontier.get_args_parser(), image_folder, ckpt, *BUDGET, "--out", str(out),
-                                     "--quantize-epochs", "1", *extra))
+                                     "--quantize-epochs", "1", "--jobs", "1", *extra))
 
 
 def run_scripts(image_folder, source, folder, method, target, seed, *prune_flags):
@@ -69,7 +69,8 @@ def test_a_frontier_run_is_the_scripts_result_and_iterative_masks_only_shrink(ch
     _, before = load_sparse_export(tmp_path / "f" / "global-iterative-0.5-seed3.sparse.pt", with_masks=True)
     for name, mask in masks.items():
         assert not (mask & ~before[name]).any(), name
-        assert (~mask).sum() >= (~before[name]).sum()
+    # and the chain's second round prunes more: 0.8 of the prunable weights, not 0.5
+    assert sum(int((~m).sum()) for m in masks.values()) > sum(int((~m).sum()) for m in before.values())
 
 
 def test_seeds_resume_per_run_and_jobs(chain, image_folder, tmp_path, capsys):
