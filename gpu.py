@@ -4,7 +4,8 @@
     make gpu OUT=/tmp/smoke DATA_DIR=data/cifar10 SMOKE=1  # the same steps at tiny size on the CPU
 
 Each step is one of the repo's scripts, run as a user would run it, its log in OUT/logs/:
-  1. data.py      decode the data once into OUT/data (every later read takes about a second)
+  1. data.py      decode the data once into OUT/data (every later read takes about a
+                  second); in this process, so that bad data stops the run in one line
   2. bench.py     widths 0.25 and 1.0: images/s against the baseline, the fraction of the
                   GPU's matmul peak, cuDNN's autotuner off, two jobs sharing the GPU
   3. train.py     the dense model, with train.py's defaults
