@@ -338,6 +338,8 @@ def get_args_parser():
 def main(args):
     if args.checkpoint and not args.export:
         raise UserError("--checkpoint goes with --export")
+    if args.export and (args.profile or args.compile or args.no_cudnn_benchmark):
+        raise UserError("--export measures file sizes only: drop --profile, --compile and --no-cudnn-benchmark")
     if args.export:
         if args.checkpoint:
             return {k: v for path in args.checkpoint for k, v in bench_export_of(path).items()}

@@ -78,6 +78,8 @@ def read_image_folder(root):
         for label, name in enumerate(CLASSES):
             files = sorted(p for p in (root / split / name).iterdir()
                            if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:  # a class missing from a split would skew every accuracy silently
+                raise UserError(f"{root / split / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             images += [load(p) for p in files]
             labels += [label] * len(files)
         if not images:
@@ -312,8 +314,8 @@ def main(args):
     ensure_writable(folder, [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
     source, out = Path(args.data_dir).resolve(), Path(args.out).resolve()
     if out == source or source in out.parents or source == folder.resolve():
-        raise UserError(f"--out {args.out} is inside --data-dir {args.data_dir}: the copy would change the data it "
-                        "is read from; choose a folder outside it")
+        raise UserError(f"--out {args.out} and --data-dir {args.data_dir} overlap: the copy would change the data "
+                        "it is read from; choose an --out outside the data")
     arrays = load_cifar10(args.data_dir, allow_download=False)
     write_pickle_folder(*arrays, folder)
     print(f"decoded {len(arrays[0]):,} training and {len(arrays[2]):,} test images from {args.data_dir} "

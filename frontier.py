@@ -305,12 +305,18 @@ def job_main(index, tasks, dense_path, args, scan, folder, device, threads, queu
         queue.put(("error", index, f"{type(e).__name__}: {e} (traceback above)"))
 
 
+def job_gpus(device):
+    """How many GPUs --jobs spread over: every one with --device cuda, only the named one
+    with cuda:N, none on the CPU."""
+    return (torch.cuda.device_count() if device.index is None else 1) if device.type == "cuda" else 0
+
+
 def run_jobs(chains, jobs, dense_path, args, scan, folder, device, emit):
     """Run the chains in `jobs` processes (each with its share of the threads and, with
     several GPUs, a GPU of its own), each taking the next chain when it is free, the
     longest first; emit() runs here, in the parent. A job that fails or dies stops the
     sweep; the runs finished by then are kept."""
-    gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0  # cuda:N: that one
+    gpus = job_gpus(device)
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")
     tasks, queue = context.Queue(), context.Queue()
@@ -517,8 +523,7 @@ def main(args):
     check_starts(chains, folder, dense_ckpt["config"])
     todo = sum(map(len, chains))
     ensure_writable(folder, [export_name(run, bits) for chain in chains for run, _ in chain for bits in (0, args.bits)])
-    gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 1
-    jobs = min(resolve_jobs(args.jobs, gpus if device.type == "cuda" else 2), len(chains))
+    jobs = min(resolve_jobs(args.jobs, job_gpus(device) or 2), len(chains))  # a CPU: two, each half the threads
     print(f"{plural(len(points), 'run')} in {out}, {plural(todo, 'run')} to do"
           + (f" in {plural(jobs, 'job')}" if jobs > 1 else ""))
     done = []

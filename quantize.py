@@ -138,9 +138,8 @@ class KMeansQuantizer:
             return
         params = dict(model.named_parameters())
         tensors = [params[name] for name in self.codebooks]
-        flat = torch.cat([t.detach().flatten() for t in tensors])
         if step is not None:  # during training: the codebook learns
-            update_codebook(flat, self.packed, self.bins, self.counts)
+            update_codebook(torch.cat([t.detach().flatten() for t in tensors]), self.packed, self.bins, self.counts)
         shared = F.pad(self.packed.centroids, (1, 0))[self.bins]  # k_means_quantize's write, bins kept
         torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(shared.split([t.numel() for t in tensors]), tensors)])
 

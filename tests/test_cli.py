@@ -123,6 +123,7 @@ BAD_INPUTS = [  # (script, extra args, what the one line must say)
     ("quantize", lambda t: ["--checkpoint", "{ckpt}/dense.pt"], "run `python finetune.py` first"),
     ("bench", lambda t: ["--jobs", "999", "--batch-size", "8", "--steps", "1", "--scan-images", "0"], "--jobs 999 is more than"),
     ("frontier", lambda t: ["--jobs", "999"], "--jobs 999 is more than"),
+    ("bench", lambda t: ["--export", "--profile"], "--export measures file sizes only"),
 ]
 # Every numeric flag is checked when parsed: (scripts, flag, bad values, what is allowed)
 BAD_NUMBERS = [
