@@ -11,15 +11,16 @@ Same model, width, batch size and images for both sides:
             image per item), a DataLoader applying per-image torchvision transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
             Normalize), fp32, contiguous memory;
   repo      data.Loader (whole split on the device, batched augmentation), channels_last,
-            bf16 autocast where supported, train.train_one_epoch and utils.evaluate.
+            bf16 autocast where the device has native bf16 (utils.compute_dtype; set
+            PRUNING_AUTOCAST=fp32 to turn it off), train.train_one_epoch and utils.evaluate.
 Each phase runs in a fresh process, so its peak memory (RSS on the CPU, allocated
 memory on CUDA) is its own. Ratios are repo / baseline from this run only.
 
-Peak: the best large square matmul throughput of the device in bf16 and in fp32, on the
-same threads, measured first. A training step costs 3x the forward pass's multiply-adds
-(forward, and the backward's two products); the fraction of peak is 3 x MACs x images/s
-over the peak MAC/s of the dtype the side computes in (repo bf16 where autocast has it,
-baseline fp32). --jobs N then times N repo training processes side by side, each with
+Peak: the best square matmul throughput of the device, on the same threads, measured
+first in a few seconds, in fp32 and, where the repo's step computes in bf16, in bf16. A
+training step costs 3x the forward pass's multiply-adds (forward, and the backward's two
+products); the fraction of peak is 3 x MACs x images/s over the peak MAC/s of the dtype
+the side computes in (the repo's as printed, the baseline's fp32). --jobs N then times N repo training processes side by side, each with
 1/N of the threads (frontier.py --jobs), against the one with all of them. The scan
 timing (shared-prefix sensitivity scan against the naive one) runs at the smallest width.
 
@@ -30,12 +31,12 @@ bound, on a randomly initialised model pruned with the real code: prune.py's SPA
 """
 import argparse
 import multiprocessing
+import os
 import queue
 from concurrent.futures import ProcessPoolExecutor
 import resource
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -43,9 +44,9 @@ import torch
 import data
 from model import build_model
 from sensitivity import DEFAULT_SPARSITIES
-from utils import (MAX_WIDTH, TTA, UserError, autocast, cli, comma_list, format_table, get_device, get_model_macs,
-                   load_checkpoint, nonnegative_int, positive_int, resolve_jobs, save_checkpoint, seed_int, tta_views,
-                   width)
+from utils import (AUTOCAST_ENV, MAX_WIDTH, TTA, UserError, cli, comma_list, compute_dtype, format_table, get_device,
+                   get_model_macs, load_checkpoint, native_bf16_cpu, nonnegative_int, positive_int, resolve_jobs,
+                   save_checkpoint, seed_int, tta_views, width)
 
 width_list = comma_list(width, f"widths (numbers above 0, at most {MAX_WIDTH})")
 
@@ -88,30 +89,38 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def peak_macs(device, dtype, seconds=0.5):
-    """The device's best large-matmul throughput in multiply-adds per second."""
-    best = 0.0
-    for n in (1024, 2048, 4096) if device.type == "cpu" else (4096, 8192):
+def peak_macs(device, dtype, budget=3.0):
+    """The device's best square-matmul throughput in multiply-adds per second, found in about
+    `budget` seconds whatever the device: the side doubles from 256 (1024 on CUDA) for as long
+    as the next size's timing still fits, so a dtype the device only emulates stops early."""
+    n, best, start = (256, 0.0, time.perf_counter()) if device.type == "cpu" else (1024, 0.0, time.perf_counter())
+    while n <= (4096 if device.type == "cpu" else 16384):
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         a @ b  # warm-up: kernels chosen, memory touched
         synchronize(device)
-        reps, start = 0, time.perf_counter()
-        while reps < 3 or time.perf_counter() - start < seconds:
+        reps, t0 = 0, time.perf_counter()
+        while reps < 2 or time.perf_counter() - t0 < budget / 10:
             a @ b
             reps += 1
             if reps % 4 == 0:
                 synchronize(device)
         synchronize(device)
-        best = max(best, reps * n ** 3 / (time.perf_counter() - start))
+        seconds = time.perf_counter() - t0
+        best = max(best, reps * n ** 3 / seconds)
+        n *= 2
+        next_size = 3 * 8 * seconds / reps  # a warm-up and two products of twice the side
+        if time.perf_counter() - start + next_size > budget:
+            break
     return best
 
 
-def peaks(args):
-    """Runs in a child process: -> {"bf16": MAC/s, "fp32": MAC/s}. On CUDA the fp32 matmul
-    may use TF32, as cuDNN's fp32 convolutions (the baseline's) do by default."""
+def peaks(args, dtypes):
+    """Runs in a child process: -> {dtype name: MAC/s} for each of `dtypes` ("fp32", "bf16").
+    On CUDA the fp32 matmul may use TF32, as cuDNN's fp32 convolutions (the baseline's) do by
+    default."""
     device = get_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
-    return {"bf16": peak_macs(device, torch.bfloat16), "fp32": peak_macs(device, torch.float32)}
+    return {name: peak_macs(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[name]) for name in dtypes}
 
 
 def time_phase(phase, args, model_width, threads=None, barrier=None):
@@ -355,10 +364,15 @@ def main(args):
     jobs = resolve_jobs(args.jobs, 2)
     print(f"bench: batch {args.batch_size}, {args.steps} timed steps, device "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu, {threads} threads'}")
-    peak = in_child(peaks, args)
-    repo_dtype = "fp32" if isinstance(autocast(device), nullcontext) else "bf16"
-    print(f"peak matmul: bf16 {peak['bf16'] / 1e9:,.0f} GMAC/s, fp32 {peak['fp32'] / 1e9:,.0f} GMAC/s "
-          f"(repo computes in {repo_dtype}, the baseline in fp32)")
+    repo_dtype = compute_dtype(device)  # only the dtypes the steps compute in have a peak worth measuring
+    t0 = time.perf_counter()
+    peak = in_child(peaks, args, sorted({"fp32", repo_dtype}))
+    print(f"peak matmul: {', '.join(f'{k} {v / 1e9:,.0f} GMAC/s' for k, v in peak.items())}, measured in "
+          f"{time.perf_counter() - t0:.1f} s | the repo's step computes in {repo_dtype} ({AUTOCAST_ENV}="
+          f"{os.environ.get(AUTOCAST_ENV, 'auto')}), the baseline's in fp32")
+    if device.type == "cpu" and repo_dtype == "bf16" and not native_bf16_cpu():
+        print("this CPU has no native bf16: oneDNN converts to fp32 and back, slower than plain fp32, and the "
+              "step's fraction of that bf16 'peak' can pass 100%")
     views = len(tta_views(torch.zeros(1, 3, 2, 2)))
     levers = [lever for lever, on in (("compile", args.compile),
                                       ("no-cudnn-benchmark", args.no_cudnn_benchmark and device.type == "cuda")) if on]

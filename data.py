@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import DEFAULT_DATA_DIR, UserError, atomic_write, cli, ensure_writable, nearest_existing, plural
+from utils import DEFAULT_DATA_DIR, TTA_VIEWS, UserError, atomic_write, cli, ensure_writable, nearest_existing, plural
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")  # CIFAR-10's label order
@@ -202,10 +202,12 @@ class Loader:
 
     The whole split lives on `device` as uint8; a training loader shuffles, augments
     and drops the last partial batch, with randomness fixed by (seed, epoch). In its
-    first `low_res_epochs` epochs it yields (B, 3, low_res, low_res) images instead."""
+    first `low_res_epochs` epochs it yields (B, 3, low_res, low_res) images instead. An
+    evaluation loader's `views` is how many test-time augmentation views utils.evaluate
+    sums per image."""
 
     def __init__(self, images, labels, batch_size, device, train=False, seed=0, translate=2,
-                 low_res_epochs=0, low_res=24):
+                 low_res_epochs=0, low_res=24, views=TTA_VIEWS):
         if batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
         if train and batch_size > len(images):
@@ -217,7 +219,7 @@ class Loader:
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
-        self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
+        self.batch_size, self.train, self.seed, self.epoch, self.views = batch_size, train, seed, 0, views
         if low_res_epochs < 0 or not 8 <= low_res <= images.shape[-1]:
             raise UserError(f"--low-res-epochs must be 0 or more and --low-res between 8 and "
                             f"{images.shape[-1]} pixels, got {low_res_epochs} and {low_res}")
@@ -277,8 +279,8 @@ def make_loaders(datasets, args, device):
     return {"train": Loader(*datasets["train"], args.batch_size, device, train=True, seed=args.seed,
                             translate=args.translate, low_res_epochs=args.low_res_epochs,
                             low_res=args.low_res),
-            "val": Loader(*datasets["val"], EVAL_BATCH_SIZE, device),
-            "test": Loader(*datasets["test"], EVAL_BATCH_SIZE, device)}
+            "val": Loader(*datasets["val"], EVAL_BATCH_SIZE, device, views=args.eval_views),
+            "test": Loader(*datasets["test"], EVAL_BATCH_SIZE, device, views=args.eval_views)}
 
 
 def load_data_for(ckpt, args, device, train=False):
@@ -293,7 +295,7 @@ def load_data_for(ckpt, args, device, train=False):
                         "--data-dir it was trained on")
     if train:
         return make_loaders(datasets, args, device)
-    return {k: Loader(*datasets[k], EVAL_BATCH_SIZE, device) for k in ("val", "test")}
+    return {k: Loader(*datasets[k], EVAL_BATCH_SIZE, device, views=args.eval_views) for k in ("val", "test")}
 
 
 # ---------------------------------------------------------------- decode once

@@ -38,7 +38,7 @@ import torch
 from data import EVAL_BATCH_SIZE, Loader, get_datasets
 from model import build_model
 from utils import (MADE_BY, MAX_WIDTH, UserError, add_common_args, atomic_write, cli, evaluate, format_table,
-                   get_device, get_model_size, short_name)
+                   get_device, get_model_size, short_name, tta_label)
 
 MAGIC = b"FGSPARSE"
 FORMAT = "fine-grained-sparse/4"
@@ -304,8 +304,8 @@ def main(args):
         device = get_device(args.device)
         datasets, _ = get_datasets(args.data_dir, val_size=0)
         model = model.to(device, memory_format=torch.channels_last)
-        out["test_acc"] = evaluate(model, Loader(*datasets["test"], EVAL_BATCH_SIZE, device))
-        print(f"test accuracy {out['test_acc']:.2f}%")
+        out["test_acc"] = evaluate(model, Loader(*datasets["test"], EVAL_BATCH_SIZE, device, views=args.eval_views))
+        print(f"test accuracy {out['test_acc']:.2f}% ({tta_label(args.eval_views)})")
     return out
 
 

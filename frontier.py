@@ -27,6 +27,7 @@ of mean +- sample std over the seeds and writes plots/frontier.png: test accurac
 the bytes on disk (dense.pt over each export, fp32 and weight-shared) and against MACs.
 """
 import copy
+import fcntl
 import math
 import multiprocessing
 import os
@@ -52,7 +53,7 @@ from train import get_args_parser as get_training_args_parser
 from utils import (Interrupted, UserError, cli, ensure_writable, evaluate, file_sha256, format_table,
                    fraction_list, get_device, int_in, is_fraction, load_checkpoint, measure, nonnegative_int, plural,
                    positive_float, positive_int, pyplot, read_json, resolve_jobs, save_figure, seed_list,
-                   write_json)
+                   TTA_VIEWS, tta_label, write_json)
 
 ALLOCATIONS = ("uniform", "global", "scan", "random")
 METHODS = (*ALLOCATIONS, "uniform-gradual", "global-gradual", "scan-gradual",
@@ -60,7 +61,7 @@ METHODS = (*ALLOCATIONS, "uniform-gradual", "global-gradual", "scan-gradual",
 # The flags that make runs comparable: a sweep file holds runs of one budget only.
 BUDGET_FLAGS = ("epochs", "lr", "batch_size", "train_subset", "momentum", "weight_decay",
                 "label_smoothing", "warmup", "bias_lr_scale", "translate", "low_res_epochs", "low_res",
-                "exclude", "ramp", "prune_every", "bits", "quantize_epochs", "quantize_lr")
+                "exclude", "ramp", "prune_every", "bits", "quantize_epochs", "quantize_lr", "eval_views")
 
 
 def split_method(method):
@@ -217,7 +218,7 @@ def load_sweep(path, dense_record, budget):
         raise UserError(f"{path} is not a sweep written by this version of frontier.py: {fix}")
     if len({run_key(p) for p in sweep["points"]}) != len(sweep["points"]):
         raise UserError(f"{path} holds a run twice (method, target and seed): {fix}")
-    if sweep.get("dense") != dense_record or sweep["budget"] != budget:
+    if sweep.get("dense") != dense_record or {"eval_views": TTA_VIEWS, **sweep["budget"]} != budget:  # older files: 4
         raise UserError(f"{path} holds a sweep of another dense model or budget: {fix}")
     return sweep["points"]
 
@@ -244,6 +245,22 @@ def plan_chains(methods, targets, seeds, points):
                 chains.append(chain)
     return chains + [[((m, t, s), None)] for s in seeds for m in methods for t in targets  # in the order asked
                      if split_method(m)[1] != "iterative" and (m, t, s) not in done]
+
+
+def lock_sweep(out):
+    """Take the OS's exclusive lock on OUT's lock file (.NAME.lock beside it), so that a second
+    sweep on the same file is refused, not left to overwrite the first one's runs; the kernel
+    drops the lock of a killed process -> the open lock file (closing it unlocks)."""
+    lock_path = out.with_name(f".{out.name}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(lock_path, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"{out} is being written by another frontier.py right now: wait for it to end (rerunning "
+                        "then continues the sweep), or pass another --out") from None
+    return lock
 
 
 def check_starts(chains, folder, config):
@@ -462,7 +479,8 @@ def print_table(sweep):
     print(format_table(rows, headers + ["MACs (M)"]))
     print(f"dense: test {dense['test_acc']:.2f}% | val {dense['val_acc']:.2f}% | dense.pt "
           f"{dense['checkpoint_bytes']:,} bytes | {dense['macs'] / 1e6:,.1f} M MACs. test %: mean +- sample std "
-          "over the runs (seeds); epochs: finetuning epochs since dense; on disk: dense.pt's bytes over the export's")
+          f"over the runs (seeds), {tta_label(sweep['budget']['eval_views'])}; epochs: finetuning epochs since dense; "
+          "on disk: dense.pt's bytes over the export's")
 
 
 def get_args_parser():
@@ -518,12 +536,19 @@ def main(args):
     dense = {"width": dense_ckpt["config"]["width"], **figures, "checkpoint_bytes": source.stat().st_size,
              "checkpoint_sha256": source_sha256}
     budget = {k: getattr(args, k) for k in BUDGET_FLAGS}
-    points = load_sweep(out, dense, budget)
-    chains = plan_chains(methods, targets, seeds, points)
-    check_starts(chains, folder, dense_ckpt["config"])
-    todo = sum(map(len, chains))
-    ensure_writable(folder, [export_name(run, bits) for chain in chains for run, _ in chain for bits in (0, args.bits)])
-    jobs = min(resolve_jobs(args.jobs, job_gpus(device) or 2), len(chains))  # a CPU: two, each half the threads
+
+    def plan():
+        points = load_sweep(out, dense, budget)
+        chains = plan_chains(methods, targets, seeds, points)
+        check_starts(chains, folder, dense_ckpt["config"])
+        ensure_writable(folder, [export_name(r, bits) for chain in chains for r, _ in chain for bits in (0, args.bits)])
+        return points, chains
+
+    plan()  # a bad sweep file fails here, before the lock file is made
+    jobs = resolve_jobs(args.jobs, job_gpus(device) or 2)  # a CPU: two, each half the threads
+    lock = lock_sweep(out)  # held until the runs end
+    points, chains = plan()  # again: a sweep that ended meanwhile may have added runs
+    todo, jobs = sum(map(len, chains)), min(jobs, len(chains))
     print(f"{plural(len(points), 'run')} in {out}, {plural(todo, 'run')} to do"
           + (f" in {plural(jobs, 'job')}" if jobs > 1 else ""))
     done = []
@@ -551,6 +576,8 @@ def main(args):
     except KeyboardInterrupt:
         raise Interrupted(f"{plural(len(points), 'run')} saved in {out}; rerun the same command to "
                           "continue") from None
+    finally:
+        lock.close()
     sweep = {"dense": dense, "budget": budget, "points": points}
     if not points:
         raise UserError("no run could be done: see the lines above")

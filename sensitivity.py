@@ -64,7 +64,7 @@ def sensitivity_scan(model, loader, sparsities=DEFAULT_SPARSITIES, names=None, s
         try:
             for x, y in loader:
                 with autocast(loader.device):
-                    prefixes = [run_stages(stages[:k], view) for view in tta_views(x)]
+                    prefixes = [run_stages(stages[:k], view) for view in tta_views(x, loader.views)]
                 for i, w in enumerate(pruned):
                     param.copy_(w)
                     # A fresh autocast region per weight change: autocast caches the
@@ -215,7 +215,7 @@ def main(args):
     loader = loaders[split]
     if args.scan_size is not None:  # the split is in shuffled order: its first N are a random sample
         loader = Loader(loader.images[:args.scan_size], loader.labels[:args.scan_size],
-                        loader.batch_size, device)
+                        loader.batch_size, device, views=loader.views)
 
     dense_acc = evaluate(model, loader)
     print(f"dense accuracy on {len(loader.images):,} {split} images: {dense_acc:.2f}%")

@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from data import get_datasets, make_loaders
 from model import build_model
-from utils import (TTA, Interrupted, UserError, add_common_args, autocast, cli, ensure_writable,
+from utils import (Interrupted, UserError, add_common_args, autocast, cli, ensure_writable,
                    evaluate, file_sha256, fraction, fraction_in, get_device, int_in, load_checkpoint, make_checkpoint,
                    measure, model_summary, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                   progress, run_args, save_checkpoint, seed_int, set_seed, width)
+                   progress, run_args, save_checkpoint, seed_int, set_seed, tta_label, width)
 
 # The finetuning recipe that finetune.py and frontier.py share: a few epochs at full size.
 FINETUNE = {"epochs": 10, "lr": 0.05, "batch_size": 256, "low_res_epochs": 0}
@@ -291,7 +291,7 @@ def main(args):
     path = save_checkpoint(make_checkpoint("dense", model, metrics, args, history=history, split=split,
                                            config={"width": args.width, "num_classes": 10}), ckpt_dir / "dense.pt")
     state_path.unlink(missing_ok=True)
-    print(f"test accuracy {test_acc:.2f}% ({TTA}) | val {metrics['val_acc']:.2f}% | "
+    print(f"test accuracy {test_acc:.2f}% ({tta_label(args.eval_views)}) | val {metrics['val_acc']:.2f}% | "
           f"train time {metrics['train_seconds']:.0f} s | saved {path}")
     return metrics
 

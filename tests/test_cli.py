@@ -160,6 +160,8 @@ BAD_NUMBERS = [
     (("bench",), "--width", ("0", "1e20", "0.25,x", ","), "comma-separated widths (numbers above 0, at most 8)"),
     (("bench",), "--jobs", ("-1",), "an integer of 0 or more"),
     (("bench",), "--scan-images", ("-1",), "an integer of 0 or more"),
+    (("train", "prune", "sensitivity", "finetune", "quantize", "frontier", "export"), "--eval-views", ("0", "5", "x"),
+     "an integer from 1 to 4"),
 ]
 PARSERS = {"train": (train, train.get_train_args_parser), "prune": (prune, prune.get_args_parser),
            "sensitivity": (sensitivity, sensitivity.get_args_parser),
@@ -274,12 +276,14 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     assert result.stderr.strip() == "error: argument --epochs: must be an integer of 1 or more, got '0' (see --help)"
 
 
-def test_interrupted_training_resumes_to_the_same_result(image_folder, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_training_resumes_to_the_same_result(stop, image_folder, tmp_path):
     argv = ["--data-dir", str(image_folder), *TINY_TRAIN, "--device", "cpu", "--epochs", "4", "--seed", "3"]
     once = tmp_path / "once"
     train.main(train.get_train_args_parser().parse_args([*argv, "--checkpoint-dir", str(once)]))
 
-    # The same run in a real process, stopped with Ctrl-C (SIGINT) once an epoch is saved.
+    # The same run in a real process, stopped with Ctrl-C (SIGINT) or as a batch scheduler
+    # stops it (SIGTERM) once an epoch is saved.
     parts = tmp_path / "parts"
     state = parts / "dense.resume.pt"
     cmd = [sys.executable, "train.py", *argv, "--checkpoint-dir", str(parts)]
@@ -288,7 +292,7 @@ def test_interrupted_training_resumes_to_the_same_result(image_folder, tmp_path)
     deadline = time.time() + 120
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.skip("the run finished before it could be interrupted")

@@ -11,7 +11,7 @@ import torch
 import bench
 import data
 from model import build_model
-from utils import UserError, get_model_macs
+from utils import UserError, compute_dtype, get_model_macs, native_bf16_cpu
 
 ROOT = Path(__file__).parent.parent
 STEPS = ["data", "bench", "train", "sensitivity", "1-prune", "2-finetune", "3-prune", "4-finetune", "quantize",
@@ -107,18 +107,27 @@ def test_a_split_missing_a_class_is_refused(image_folder, tmp_path):
     assert not (tmp_path / "py").exists()
 
 
-def test_bench_reports_the_step_against_the_measured_peak(image_folder, capsys):
+# The CPU's own choice, and the other dtype forced through the environment.
+@pytest.mark.parametrize("autocast", ["auto", "fp32" if native_bf16_cpu() else "bf16"])
+def test_bench_reports_the_step_against_the_peak_of_its_own_dtype(autocast, image_folder, capsys, monkeypatch):
+    monkeypatch.setenv("PRUNING_AUTOCAST", autocast)
     argv = ["--data-dir", str(image_folder), "--device", "cpu", "--width", "0.0625", "--batch-size", "16",
             "--steps", "1", "--scan-images", "0", "--jobs", "1", "--profile"]
     out = bench.main(bench.get_args_parser().parse_args(argv))
     printed = capsys.readouterr().out
-    assert out["peak_macs"]["bf16"] > 0 and out["peak_macs"]["fp32"] > 0
+    dtype = compute_dtype(torch.device("cpu"))
+    assert dtype == (autocast if autocast != "auto" else "bf16" if native_bf16_cpu() else "fp32")
+    assert set(out["peak_macs"]) == {"fp32", dtype} and all(v > 0 for v in out["peak_macs"].values())
+    assert f"the repo's step computes in {dtype}" in printed and f"repo of {dtype} peak" in printed
     figures = out["widths"][0.0625]
     macs = get_model_macs(build_model(0.0625), torch.zeros(1, 3, 32, 32))
-    dtype = "bf16" if "repo computes in bf16" in printed else "fp32"
     assert figures["train_peak_fraction"] == pytest.approx(3 * macs * figures["train_images_per_s"]
                                                            / out["peak_macs"][dtype])
-    assert 0 < figures["train_peak_fraction"] < 1 and 0 < figures["baseline_train_peak_fraction"] < 1
+    assert 0 < figures["baseline_train_peak_fraction"] < 1
+    if autocast == "auto":  # a dtype the CPU only emulates has no true peak: a fraction can pass 1
+        assert 0 < figures["train_peak_fraction"] < 1
+    else:
+        assert figures["train_peak_fraction"] > 0 and ("no native bf16" in printed) == (dtype == "bf16")
     assert figures["train_ratio"] > 0 and "jobs_ratio" not in figures
     assert "share of the step" in printed and "aten::" in printed  # the profile, op by op
     assert "peak matmul" in printed and "--- width 0.0625" in printed

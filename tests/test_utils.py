@@ -1,3 +1,4 @@
+import contextlib
 import io
 import pickle
 import subprocess
@@ -10,7 +11,7 @@ import torch
 from data import Loader
 from model import build_model
 from prune import FineGrainedPruner, SPARSITY
-from utils import (MiB, UserError, evaluate, get_device, get_model_size, get_model_sparsity,
+from utils import (MiB, UserError, autocast, compute_dtype, evaluate, get_device, native_bf16_cpu, get_model_size, get_model_sparsity,
                    get_num_parameters, get_sparsity, load_checkpoint, save_checkpoint, translate,
                    tta_views)
 
@@ -105,6 +106,20 @@ def test_device_choice():
         get_device("tpu")
 
 
+def test_bf16_only_where_the_cpu_has_it_and_the_environment_can_turn_it_off(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("PRUNING_AUTOCAST", raising=False)
+    assert compute_dtype(cpu) == ("bf16" if native_bf16_cpu() else "fp32")
+    monkeypatch.setenv("PRUNING_AUTOCAST", "fp32")
+    assert compute_dtype(cpu) == "fp32" and isinstance(autocast(cpu), contextlib.nullcontext)
+    monkeypatch.setenv("PRUNING_AUTOCAST", "bf16")
+    with autocast(cpu):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    monkeypatch.setenv("PRUNING_AUTOCAST", "fp16")
+    with pytest.raises(UserError, match="PRUNING_AUTOCAST='fp16' is not a choice"):
+        get_device("cpu")
+
+
 def test_translate_moves_content_and_reflects_the_edge():
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
     down_right = translate(x, 1, 1)
@@ -132,6 +147,22 @@ def test_evaluate_sums_the_tta_views_and_counts_correct_labels():
     loader = Loader(images, labels, batch_size=8, device="cpu")
     assert evaluate(MeanColour(), loader) == 100.0
     assert evaluate(MeanColour(), Loader(images, (labels + 1) % 3, 8, "cpu")) == 0.0
+
+
+@pytest.mark.parametrize("views", [1, 2, 3, 4])
+def test_evaluate_uses_the_loaders_views(views):
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images):
+            seen.append(images.clone())
+            return torch.zeros(len(images), 10)
+
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    loader = Loader(x, torch.zeros(5, dtype=torch.long), 5, "cpu", views=views)
+    evaluate(Recorder(), loader)
+    expected = tta_views(loader.normalize(x))
+    assert len(seen) == views and all(torch.equal(s, e) for s, e in zip(seen, expected[:views]))
 
 
 def test_progress_bars_stay_out_of_a_log_file(tmp_path):
