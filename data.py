@@ -216,6 +216,8 @@ class Loader:
         if not 0 <= translate < images.shape[-1]:
             raise UserError(f"--translate must be 0 or more pixels and less than the image side "
                             f"({images.shape[-1]}), got {translate}")
+        if not 1 <= views <= TTA_VIEWS:
+            raise UserError(f"--eval-views must be 1 to {TTA_VIEWS}, got {views}")
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)

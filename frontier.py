@@ -26,6 +26,7 @@ runs in progress. Validation accuracy chooses, test accuracy is reported. Prints
 of mean +- sample std over the seeds and writes plots/frontier.png: test accuracy against
 the bytes on disk (dense.pt over each export, fp32 and weight-shared) and against MACs.
 """
+import contextlib
 import copy
 import fcntl
 import math
@@ -247,20 +248,22 @@ def plan_chains(methods, targets, seeds, points):
                      if split_method(m)[1] != "iterative" and (m, t, s) not in done]
 
 
+@contextlib.contextmanager
 def lock_sweep(out):
-    """Take the OS's exclusive lock on OUT's lock file (.NAME.lock beside it), so that a second
-    sweep on the same file is refused, not left to overwrite the first one's runs; the kernel
-    drops the lock of a killed process -> the open lock file (closing it unlocks)."""
+    """Hold the OS's exclusive lock on OUT's lock file (.NAME.lock beside it, left there), so
+    that a second sweep on the same file is refused, not left to overwrite the first one's
+    runs; the kernel drops the lock of a killed process."""
     lock_path = out.with_name(f".{out.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(lock_path, "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise UserError(f"{out} is being written by another frontier.py right now: wait for it to end (rerunning "
-                        "then continues the sweep), or pass another --out") from None
-    return lock
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out} is being written by another frontier.py right now: wait for it to end (rerunning "
+                            "then continues the sweep), or pass another --out") from None
+        except OSError as e:  # a file system without locks (some NFS or Lustre mounts)
+            raise UserError(f"cannot lock {lock_path} ({e.strerror}): pass an --out on a local disk") from None
+        yield
 
 
 def check_starts(chains, folder, config):
@@ -529,6 +532,10 @@ def main(args):
     if not dense_ckpt["split"]["val_size"]:
         raise UserError(f"{source} was trained with --val-size 0, but a run keeps its best epoch by validation: "
                         "train the dense model with a validation split")
+    dense_views = (dense_ckpt.get("args") or {}).get("eval_views", TTA_VIEWS)
+    if dense_views != args.eval_views:  # the table and plot measure every run against the dense model
+        raise UserError(f"{source}'s accuracies were measured with {tta_label(dense_views)}, this sweep's would be "
+                        f"with {tta_label(args.eval_views)}: pass --eval-views {dense_views}")
     source_sha256 = file_sha256(source)
     scan = load_scan(args.scan or ckpt_dir / "sensitivity.json", model, source_sha256) if any(
         m.startswith("scan") for m in methods) else None
@@ -546,38 +553,36 @@ def main(args):
 
     plan()  # a bad sweep file fails here, before the lock file is made
     jobs = resolve_jobs(args.jobs, job_gpus(device) or 2)  # a CPU: two, each half the threads
-    lock = lock_sweep(out)  # held until the runs end
-    points, chains = plan()  # again: a sweep that ended meanwhile may have added runs
-    todo, jobs = sum(map(len, chains)), min(jobs, len(chains))
-    print(f"{plural(len(points), 'run')} in {out}, {plural(todo, 'run')} to do"
-          + (f" in {plural(jobs, 'job')}" if jobs > 1 else ""))
-    done = []
+    with lock_sweep(out):  # until the runs end
+        points, chains = plan()  # again: a sweep that ended meanwhile may have added runs
+        todo, jobs = sum(map(len, chains)), min(jobs, len(chains))
+        print(f"{plural(len(points), 'run')} in {out}, {plural(todo, 'run')} to do"
+              + (f" in {plural(jobs, 'job')}" if jobs > 1 else ""))
+        done = []
 
-    def emit(record, run):
-        method, target, seed = run
-        if record is None:
-            print(f"{method} {target:g} seed {seed}: skipped, the scan's sparsities cannot reach {target:g} "
-                  "(scan higher --sparsities in sensitivity.py)")
-            return
-        points.append(record)
-        done.append(record)
-        write_json({"dense": dense, "budget": budget, "points": points}, out)
-        q = record.get("quantized")
-        print(f"[{len(done)}/{todo}] {method} {target:g} seed {seed}: sparsity {record['sparsity']:.4f} | val "
-              f"{record['val_acc']:.2f}% | test {record['test_acc']:.2f}%"
-              + (f" | {args.bits}-bit test {q['test_acc']:.2f}%, {q['export_bytes']:,} bytes" if q else "")
-              + f" | {record['seconds']:.0f} s")
+        def emit(record, run):
+            method, target, seed = run
+            if record is None:
+                print(f"{method} {target:g} seed {seed}: skipped, the scan's sparsities cannot reach {target:g} "
+                      "(scan higher --sparsities in sensitivity.py)")
+                return
+            points.append(record)
+            done.append(record)
+            write_json({"dense": dense, "budget": budget, "points": points}, out)
+            q = record.get("quantized")
+            print(f"[{len(done)}/{todo}] {method} {target:g} seed {seed}: sparsity {record['sparsity']:.4f} | val "
+                  f"{record['val_acc']:.2f}% | test {record['test_acc']:.2f}%"
+                  + (f" | {args.bits}-bit test {q['test_acc']:.2f}%, {q['export_bytes']:,} bytes" if q else "")
+                  + f" | {record['seconds']:.0f} s")
 
-    try:
-        if jobs > 1:
-            run_jobs(chains, jobs, source, args, scan, folder, device, emit)
-        elif chains:
-            run_chains(chains, source, args, scan, folder, device, None, emit)
-    except KeyboardInterrupt:
-        raise Interrupted(f"{plural(len(points), 'run')} saved in {out}; rerun the same command to "
-                          "continue") from None
-    finally:
-        lock.close()
+        try:
+            if jobs > 1:
+                run_jobs(chains, jobs, source, args, scan, folder, device, emit)
+            elif chains:
+                run_chains(chains, source, args, scan, folder, device, None, emit)
+        except KeyboardInterrupt:
+            raise Interrupted(f"{plural(len(points), 'run')} saved in {out}; rerun the same command to "
+                              "continue") from None
     sweep = {"dense": dense, "budget": budget, "points": points}
     if not points:
         raise UserError("no run could be done: see the lines above")

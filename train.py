@@ -32,7 +32,7 @@ FINETUNE = {"epochs": 10, "lr": 0.05, "batch_size": 256, "low_res_epochs": 0}
 # Flags that define a run: a resumed run takes them from the saved state.
 RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "bias_lr_scale", "momentum", "weight_decay",
              "label_smoothing", "warmup", "translate", "low_res_epochs", "low_res", "width",
-             "train_subset", "val_size", "whiten", "dirac")
+             "train_subset", "val_size", "whiten", "dirac", "eval_views")
 
 
 def get_args_parser(description=__doc__, epochs=50, lr=0.05, plots=False, resume=True, seed=True):

@@ -3,6 +3,7 @@ accounting (named as in the MIT HAN Lab EfficientML course), atomic checkpoints
 and the command-line wrapper that turns user errors into one line on stderr."""
 import argparse
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -12,9 +13,11 @@ import random
 import re
 import secrets
 import signal
+import socket
 import sys
 import tempfile
 import zipfile
+import zlib
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -167,12 +170,13 @@ def set_seed(seed):
 AUTOCAST_ENV = "PRUNING_AUTOCAST"  # auto | fp32 | bf16: what the training and evaluation steps compute in
 
 
+@functools.cache
 def native_bf16_cpu():
     """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX) and oneDNN may use it. oneDNN
     also runs bf16 on plain AVX-512 by converting to fp32, but there a training step measured
     2.3x slower than fp32 (Xeon Ice Lake, width 0.25), and on AVX2 some 10x slower."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported() and (
-        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    has = [getattr(torch.cpu, f"_is_{isa}_supported", lambda: False) for isa in ("avx512_bf16", "amx_tile")]
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported() and any(f() for f in has)  # torch < 2.3: fp32
 
 
 def compute_dtype(device):
@@ -328,13 +332,16 @@ def nearest_existing(path):
     return next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
 
 
-def temp_name(name, tag="4194304-12345678"):
-    """The name atomic_write gives its file before the rename; tag: the writer's process id
-    and 8 random hex digits (the default is the longest such tag, for length checks)."""
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # a folder may be shared between machines
+
+
+def temp_name(name, tag=f"{HOST}-4194304-12345678"):
+    """The name atomic_write gives its file before the rename; tag: this machine's HOST, the
+    writer's process id and 8 random hex digits (the default is the longest, for length checks)."""
     return f".{name}.{tag}.tmp"
 
 
-TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[0-9a-f]{8}\.tmp")
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d{1,7})-[0-9a-f]{8}\.tmp")
 
 
 def process_alive(pid):
@@ -348,12 +355,12 @@ def process_alive(pid):
 
 
 def remove_stale_temps(folder, names):
-    """Delete the temporary files that a killed atomic_write left for any of `names` in
-    `folder` (a live writer's file is kept) -> the names removed."""
+    """Delete the temporary files that a killed atomic_write on this machine left for any of
+    `names` in `folder` (a live writer's file, or another machine's, is kept) -> the names removed."""
     removed = []
-    for path in sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else ():
+    for path in sorted(Path(folder).glob(".*.tmp")) if names and Path(folder).is_dir() else ():
         match = TEMP_NAME.fullmatch(path.name)
-        if match and match["name"] in names and not (match["pid"] and process_alive(int(match["pid"]))):
+        if match and match["name"] in names and match["host"] == HOST and not process_alive(int(match["pid"])):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     if removed:
@@ -387,11 +394,14 @@ def ensure_writable(folder, outputs=()):
 
 def write_failed(path, error):
     """The one line for an OSError met while writing `path`: what happened and what to do."""
-    advice = {errno.ENOSPC: "the disk is full: free some space", errno.EDQUOT: "the disk quota is used up: free "
-              "some space", errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-              errno.EPERM: "permission denied"}.get(error.errno, f"{error.strerror or error}")
-    return (f"cannot write {path} ({advice}); or choose another --checkpoint-dir / --plot-dir / --out. "
-            "The files written before are unchanged")
+    reason, action = {errno.ENOSPC: ("the disk is full", "free some space"),
+                      errno.EDQUOT: ("the disk quota is used up", "free some space"),
+                      errno.EROFS: ("the file system is read-only", "make it writable"),
+                      errno.EACCES: ("permission denied", "make the folder writable"),
+                      errno.EPERM: ("permission denied", "make the folder writable")}.get(
+        error.errno, (error.strerror or str(error), "check the disk"))
+    return (f"cannot write {path} ({reason}): {action}, or choose another --checkpoint-dir / --plot-dir / --out; "
+            f"the previous {path.name}, if any, is unchanged")
 
 
 def atomic_write(path, write):
@@ -399,7 +409,7 @@ def atomic_write(path, write):
     a crash or Ctrl-C mid-write leaves the previous file intact. The file gets the
     permissions the umask gives any new file (mkstemp's would be 0600)."""
     path = Path(path)
-    tmp = path.with_name(temp_name(path.name, f"{os.getpid()}-{secrets.token_hex(4)}"))
+    tmp = path.with_name(temp_name(path.name, f"{HOST}-{os.getpid()}-{secrets.token_hex(4)}"))
     try:
         ensure_writable(path.parent).mkdir(parents=True, exist_ok=True)
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
@@ -479,13 +489,17 @@ def describe_load_error(path, error):
 
 def damaged_part(path):
     """The name of the first entry of a torch.save zip whose bytes fail the CRC-32 that
-    torch.save wrote beside them (torch.load does not check it), or None. A file that is no
-    zip at all is left to torch.load's error."""
+    torch.save wrote beside them (torch.load does not check it), or None. torch.save stores
+    every entry plain, so an entry marked compressed or encrypted is damage too (a flipped bit
+    in the zip's directory); a file that is no zip at all is left to torch.load's error."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            odd = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED or i.flag_bits & 1]
+            return odd[0] if odd else archive.testzip()
+    except zipfile.BadZipFile:
         return None
+    except (zlib.error, NotImplementedError, RuntimeError, OSError, EOFError, ValueError):
+        return "the zip's directory"
 
 
 def load_checkpoint(path, stages=("dense", "pruned", "finetuned")):
@@ -500,8 +514,8 @@ def load_checkpoint(path, stages=("dense", "pruned", "finetuned")):
         raise UserError(f"{path} not found: {MADE_BY[stages[0]]}, or point --checkpoint at an existing file")
     damaged = damaged_part(path)
     if damaged:
-        raise UserError(f"{path} is damaged: its part {damaged!r} fails its CRC-32 checksum (a flipped bit, a bad "
-                        f"disk or copy); restore a good copy or rerun the stage that wrote it")
+        raise UserError(f"{path} is damaged: its part {damaged!r} fails the CRC-32 checksum written with it (a "
+                        "flipped bit, a bad disk or copy); restore a good copy or rerun the stage that wrote it")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -589,16 +603,17 @@ def cli(main, parser, argv=None):
         print(f"{prefix}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except OSError as e:  # a read or write that no check could foresee: an I/O error, a vanished file
-        print(f"error: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(1)
+        print(f"error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def terminate_as_interrupt(signum, frame):
     """SIGTERM (a batch scheduler's or `timeout`'s stop, a preemption) ends a run as Ctrl-C
-    does: each training loop names its last saved state, and --resume goes on from it. A
-    second SIGTERM ends the process at once."""
+    does, with its exit code 130: each training loop names its last saved state, and --resume
+    goes on from it. A second SIGTERM ends the process at once."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise KeyboardInterrupt
 
@@ -616,11 +631,9 @@ def add_common_args(parser, plots=False, checkpoints=True):
         add("--plot-dir", default="plots", help="where plots go (default: %(default)s)")
     add("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     add("--eval-views", type=int_in(1, TTA_VIEWS), default=TTA_VIEWS, metavar="N",
-        help="test-time augmentation views per evaluated image, 1 to 4. Evaluation costs one "
-             "forward pass per view: at 4, a pass over the 5,000 validation and 10,000 test images "
-             "costs as much as a training epoch on 20,000 images (a step is 3 forward passes). Fewer "
-             "views make quick tries quick; compare accuracies only at equal views "
-             "(default: %(default)s)")
+        help="test-time augmentation views per evaluated image, 1 to 4: one forward pass each, so "
+             "at 4 evaluating an image costs more than a training step on it (3 passes); 1 makes "
+             "quick tries quick. Compare accuracies only at equal views (default: %(default)s)")
     return parser
 
 

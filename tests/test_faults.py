@@ -1,6 +1,7 @@
 """Faults a user's machine meets: a full disk, two sweeps on one file, a flipped bit in a
 checkpoint, the temporary file of a killed save. Each ends in one line and loses nothing.
 (SIGTERM, stopping a run as Ctrl-C does, is in test_cli's resume test.)"""
+import builtins
 import errno
 import os
 import subprocess
@@ -13,33 +14,62 @@ import pytest
 import finetune
 import frontier
 import prune
+import utils
 from test_cli import PARSERS, assert_one_line, run_cli, script_argv, tree
-from utils import load_checkpoint, UserError, temp_name
+from utils import HOST, UserError, load_checkpoint, temp_name
 
 ROOT = Path(__file__).resolve().parent.parent
 FRONTIER = ["--methods", "global", "--sparsities", "0.9", "--epochs", "1", "--batch-size", "32", "--bits", "0",
             "--jobs", "1"]
 
 
-def full_disk(monkeypatch):
-    """Every file write's final fsync fails as a full disk makes it (the write-back of
-    the data it buffered finds no free block)."""
-    def fsync(fd):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(os, "fsync", fsync)
+def no_space():
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+class FillingDisk:
+    """A file opened for writing whose writes fail with ENOSPC once `room` bytes are in it."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise no_space()
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def full_disk(monkeypatch, where):
+    """Every file write fails as a full disk makes it: partway through the bytes ("write"), or
+    at the final fsync, when the data written to the page cache finds no free block ("fsync")."""
+    if where == "write":
+        monkeypatch.setattr(utils, "open", lambda *a, **k: FillingDisk(builtins.open(*a, **k), 1000), raising=False)
+    else:
+        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(no_space()))
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
 @pytest.mark.parametrize("script,extra", [("prune", ["--method", "global", "--target", "0.9"]),
                                           ("finetune", ["--epochs", "1", "--batch-size", "32"]),
                                           ("frontier", FRONTIER)])
-def test_a_full_disk_is_one_line_and_changes_nothing(script, extra, chain, image_folder, tmp_path, capsys,
+def test_a_full_disk_is_one_line_and_changes_nothing(script, extra, where, chain, image_folder, tmp_path, capsys,
                                                       monkeypatch):
     module, parser = PARSERS[script]
     argv = script_argv(script, chain, image_folder, tmp_path) + extra
     before = tree(tmp_path)
-    full_disk(monkeypatch)
+    full_disk(monkeypatch, where)
     code, err = run_cli(module, parser(), argv, capsys)
-    assert_one_line(code, err, "(the disk is full: free some space); or choose another --checkpoint-dir")
+    assert_one_line(code, err, "(the disk is full): free some space, or choose another --checkpoint-dir")
     after = tree(tmp_path)
     assert {p: b for p, b in after.items() if p in before} == before  # every earlier file intact
     assert not [p for p in after if p.name.endswith(".tmp")]  # and no temporary file left
@@ -48,8 +78,8 @@ def test_a_full_disk_is_one_line_and_changes_nothing(script, extra, chain, image
 def test_a_second_sweep_on_the_same_file_is_refused(chain, image_folder, tmp_path, capsys):
     out = tmp_path / "sweep.json"
     argv = script_argv("frontier", chain, image_folder, tmp_path) + FRONTIER + ["--out", str(out)]
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import frontier; from pathlib import Path; "
-            f"lock = frontier.lock_sweep(Path({str(out)!r})); print('locked', flush=True); time.sleep(60)")
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import frontier; from pathlib import Path\n"
+            f"with frontier.lock_sweep(Path({str(out)!r})):\n    print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"  # another sweep is running on `out`
@@ -78,7 +108,7 @@ def flip_a_bit(path, entry_suffix, offset=64):
 @pytest.mark.parametrize("entry", ["data/0", "data.pkl"])
 def test_a_flipped_bit_in_a_checkpoint_is_refused(entry, chain, image_folder, tmp_path, capsys):
     flip_a_bit(chain / "dense.pt", entry)
-    with pytest.raises(UserError, match=r"dense.pt is damaged: its part '.*' fails its CRC-32 checksum"):
+    with pytest.raises(UserError, match=r"dense.pt is damaged: its part .* fails the CRC-32 checksum"):
         load_checkpoint(chain / "dense.pt")
     before = tree(tmp_path)
     code, err = run_cli(prune, prune.get_args_parser(),
@@ -90,12 +120,23 @@ def test_a_flipped_bit_in_a_checkpoint_is_refused(entry, chain, image_folder, tm
 
 def test_a_killed_saves_temporary_file_is_removed_and_a_live_ones_kept(chain, image_folder, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = chain / temp_name("finetuned.resume.pt", f"{dead.stdout.strip()}-0123abcd")
-    older = chain / temp_name("finetuned.pt", "89abcdef")  # from a version that wrote no process id
-    live = chain / temp_name("finetuned.pt", f"{os.getpid()}-4567cdef")  # a save still in progress
-    other = chain / temp_name("dense.pt", f"{dead.stdout.strip()}-0123abcd")  # not finetune.py's file
-    for path in (stale, older, live, other):
+    pid = dead.stdout.strip()
+    stale = chain / temp_name("finetuned.resume.pt", f"{HOST}-{pid}-0123abcd")
+    live = chain / temp_name("finetuned.pt", f"{HOST}-{os.getpid()}-4567cdef")  # a save still in progress
+    remote = chain / temp_name("finetuned.pt", f"{'0' if HOST[0] != '0' else '1'}{HOST[1:]}-{pid}-89abcdef")
+    other = chain / temp_name("dense.pt", f"{HOST}-{pid}-0123abcd")  # not finetune.py's file
+    for path in (stale, live, remote, other):
         path.write_bytes(b"half a checkpoint")
     finetune.main(finetune.get_finetune_args_parser().parse_args(
         script_argv("finetune", chain, image_folder, tmp_path) + ["--epochs", "1", "--batch-size", "32"]))
-    assert not stale.exists() and not older.exists() and live.exists() and other.exists()
+    assert not stale.exists() and live.exists() and remote.exists() and other.exists()
+
+
+def test_an_entry_marked_compressed_in_the_zips_directory_is_damage(chain):
+    # torch.save stores every entry plain; a flipped bit there made torch.load read zeros.
+    path = chain / "dense.pt"
+    data = bytearray(path.read_bytes())
+    data[data.find(b"PK\x01\x02") + 10] = 8  # the first entry's compression method: deflate
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="is damaged"):
+        load_checkpoint(path)

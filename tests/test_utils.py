@@ -11,8 +11,8 @@ import torch
 from data import Loader
 from model import build_model
 from prune import FineGrainedPruner, SPARSITY
-from utils import (MiB, UserError, autocast, compute_dtype, evaluate, get_device, native_bf16_cpu, get_model_size, get_model_sparsity,
-                   get_num_parameters, get_sparsity, load_checkpoint, save_checkpoint, translate,
+from utils import (MiB, UserError, autocast, compute_dtype, evaluate, get_device, get_model_size, get_model_sparsity,
+                   get_num_parameters, get_sparsity, load_checkpoint, native_bf16_cpu, save_checkpoint, translate,
                    tta_views)
 
 
@@ -106,10 +106,25 @@ def test_device_choice():
         get_device("tpu")
 
 
-def test_bf16_only_where_the_cpu_has_it_and_the_environment_can_turn_it_off(monkeypatch):
-    cpu = torch.device("cpu")
+@pytest.mark.parametrize("onednn,avx512_bf16,amx,expected", [
+    (True, False, False, "fp32"),  # AVX-512 without bf16 (Ice Lake): oneDNN would emulate it
+    (False, False, False, "fp32"),  # AVX2
+    (True, True, False, "bf16"), (True, False, True, "bf16"),
+    (False, True, True, "fp32")])  # oneDNN held below bf16 (ONEDNN_MAX_CPU_ISA)
+def test_bf16_only_where_the_cpu_computes_it(onednn, avx512_bf16, amx, expected, monkeypatch):
     monkeypatch.delenv("PRUNING_AUTOCAST", raising=False)
-    assert compute_dtype(cpu) == ("bf16" if native_bf16_cpu() else "fp32")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    native_bf16_cpu.cache_clear()
+    try:
+        assert compute_dtype(torch.device("cpu")) == expected
+    finally:
+        native_bf16_cpu.cache_clear()
+
+
+def test_the_environment_overrides_the_dtype(monkeypatch):
+    cpu = torch.device("cpu")
     monkeypatch.setenv("PRUNING_AUTOCAST", "fp32")
     assert compute_dtype(cpu) == "fp32" and isinstance(autocast(cpu), contextlib.nullcontext)
     monkeypatch.setenv("PRUNING_AUTOCAST", "bf16")
