@@ -20,8 +20,9 @@ Peak: the best square matmul throughput of the device, on the same threads, meas
 first in a few seconds, in fp32 and, where the repo's step computes in bf16, in bf16. A
 training step costs 3x the forward pass's multiply-adds (forward, and the backward's two
 products); the fraction of peak is 3 x MACs x images/s over the peak MAC/s of the dtype
-the side computes in (the repo's as printed, the baseline's fp32). --jobs N then times N repo training processes side by side, each with
-1/N of the threads (frontier.py --jobs), against the one with all of them. The scan
+the side computes in (the repo's as printed, the baseline's fp32). --jobs N then times N
+repo training processes side by side, each with 1/N of the threads (frontier.py --jobs),
+against the one with all of them. The scan
 timing (shared-prefix sensitivity scan against the naive one) runs at the smallest width.
 
 --export instead measures the compressed export (export.py) against its information
@@ -46,7 +47,7 @@ from model import build_model
 from sensitivity import DEFAULT_SPARSITIES
 from utils import (AUTOCAST_ENV, MAX_WIDTH, TTA, UserError, cli, comma_list, compute_dtype, format_table, get_device,
                    get_model_macs, load_checkpoint, native_bf16_cpu, nonnegative_int, positive_int, resolve_jobs,
-                   save_checkpoint, seed_int, tta_views, width)
+                   save_checkpoint, seed_int, TTA_VIEWS, width)
 
 width_list = comma_list(width, f"widths (numbers above 0, at most {MAX_WIDTH})")
 
@@ -93,8 +94,9 @@ def peak_macs(device, dtype, budget=3.0):
     """The device's best square-matmul throughput in multiply-adds per second, found in about
     `budget` seconds whatever the device: the side doubles from 256 (1024 on CUDA) for as long
     as the next size's timing still fits, so a dtype the device only emulates stops early."""
-    n, best, start = (256, 0.0, time.perf_counter()) if device.type == "cpu" else (1024, 0.0, time.perf_counter())
-    while n <= (4096 if device.type == "cpu" else 16384):
+    n, largest = (256, 4096) if device.type == "cpu" else (1024, 16384)
+    best, start = 0.0, time.perf_counter()
+    while n <= largest:
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         a @ b  # warm-up: kernels chosen, memory touched
         synchronize(device)
@@ -373,7 +375,6 @@ def main(args):
     if device.type == "cpu" and repo_dtype == "bf16" and not native_bf16_cpu():
         print("this CPU has no native bf16: oneDNN converts to fp32 and back, slower than plain fp32, and the "
               "step's fraction of that bf16 'peak' can pass 100%")
-    views = len(tta_views(torch.zeros(1, 3, 2, 2)))
     levers = [lever for lever, on in (("compile", args.compile),
                                       ("no-cudnn-benchmark", args.no_cudnn_benchmark and device.type == "cuda")) if on]
     if args.no_cudnn_benchmark and device.type != "cuda":
@@ -386,7 +387,7 @@ def main(args):
                    for phase in ["baseline-train", "repo-train", "baseline-eval", "repo-eval", *lever_phases]}
         rate = {phase: r["images_per_s"] for phase, r in results.items()}
         # MACs per image: a training step costs 3 forwards, the repo's evaluation one per TTA view
-        fraction = {phase: (views if phase == "repo-eval" else 1 if "eval" in phase else 3) * macs * rate[phase]
+        fraction = {phase: (TTA_VIEWS if phase == "repo-eval" else 1 if "eval" in phase else 3) * macs * rate[phase]
                     / peak["fp32" if phase.startswith("baseline") else repo_dtype] for phase in results}
         rows = []
         for phase in ["repo-train", "repo-eval", *lever_phases]:

@@ -173,8 +173,9 @@ AUTOCAST_ENV = "PRUNING_AUTOCAST"  # auto | fp32 | bf16: what the training and e
 @functools.cache
 def native_bf16_cpu():
     """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX) and oneDNN may use it. oneDNN
-    also runs bf16 on plain AVX-512 by converting to fp32, but there a training step measured
-    2.3x slower than fp32 (Xeon Ice Lake, width 0.25), and on AVX2 some 10x slower."""
+    also runs bf16 on plain AVX-512 by converting to fp32, but there the width-0.25 training
+    step ran 2.4x slower than fp32 (bench.py on a Xeon Ice Lake), and with AVX2 kernels some
+    10x slower."""
     has = [getattr(torch.cpu, f"_is_{isa}_supported", lambda: False) for isa in ("avx512_bf16", "amx_tile")]
     return torch.ops.mkldnn._is_mkldnn_bf16_supported() and any(f() for f in has)  # torch < 2.3: fp32
 
@@ -487,19 +488,22 @@ def describe_load_error(path, error):
     return "it is truncated or corrupted (its zip archive cannot be read): write it again"
 
 
-def damaged_part(path):
-    """The name of the first entry of a torch.save zip whose bytes fail the CRC-32 that
-    torch.save wrote beside them (torch.load does not check it), or None. torch.save stores
-    every entry plain, so an entry marked compressed or encrypted is damage too (a flipped bit
-    in the zip's directory); a file that is no zip at all is left to torch.load's error."""
+def damage(path):
+    """What is wrong with a torch.save zip, in words, or None when every entry's bytes match
+    the CRC-32 torch.save wrote beside them (torch.load never checks it). torch.save stores
+    every entry plain, so one marked compressed or encrypted is damage too (a flipped bit in
+    the zip's directory); a file that is no zip at all is left to torch.load's error."""
     try:
         with zipfile.ZipFile(path) as archive:
             odd = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED or i.flag_bits & 1]
-            return odd[0] if odd else archive.testzip()
+            if odd:
+                return f"its part {odd[0]!r} is marked compressed or encrypted, which torch.save never writes"
+            bad = archive.testzip()
+            return bad and f"its part {bad!r} fails the CRC-32 checksum written with it"
     except zipfile.BadZipFile:
         return None
     except (zlib.error, NotImplementedError, RuntimeError, OSError, EOFError, ValueError):
-        return "the zip's directory"
+        return "its zip directory cannot be read"
 
 
 def load_checkpoint(path, stages=("dense", "pruned", "finetuned")):
@@ -512,10 +516,10 @@ def load_checkpoint(path, stages=("dense", "pruned", "finetuned")):
         raise UserError(f"{path} is not a regular file: point --checkpoint at a .pt file")
     if not path.is_file():
         raise UserError(f"{path} not found: {MADE_BY[stages[0]]}, or point --checkpoint at an existing file")
-    damaged = damaged_part(path)
+    damaged = damage(path)
     if damaged:
-        raise UserError(f"{path} is damaged: its part {damaged!r} fails the CRC-32 checksum written with it (a "
-                        "flipped bit, a bad disk or copy); restore a good copy or rerun the stage that wrote it")
+        raise UserError(f"{path} is damaged: {damaged} (a flipped bit, a bad disk or copy); restore a good copy "
+                        "or rerun the stage that wrote it")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
