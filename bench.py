@@ -32,7 +32,6 @@ bound, on a randomly initialised model pruned with the real code: prune.py's SPA
 """
 import argparse
 import multiprocessing
-import os
 import queue
 from concurrent.futures import ProcessPoolExecutor
 import resource
@@ -370,8 +369,8 @@ def main(args):
     t0 = time.perf_counter()
     peak = in_child(peaks, args, sorted({"fp32", repo_dtype}))
     print(f"peak matmul: {', '.join(f'{k} {v / 1e9:,.0f} GMAC/s' for k, v in peak.items())}, measured in "
-          f"{time.perf_counter() - t0:.1f} s | the repo's step computes in {repo_dtype} ({AUTOCAST_ENV}="
-          f"{os.environ.get(AUTOCAST_ENV, 'auto')}), the baseline's in fp32")
+          f"{time.perf_counter() - t0:.1f} s | the repo's step computes in {repo_dtype} ({AUTOCAST_ENV} overrides), "
+          "the baseline's in fp32")
     if device.type == "cpu" and repo_dtype == "bf16" and not native_bf16_cpu():
         print("this CPU has no native bf16: oneDNN converts to fp32 and back, slower than plain fp32, and the "
               "step's fraction of that bf16 'peak' can pass 100%")

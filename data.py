@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import DEFAULT_DATA_DIR, TTA_VIEWS, UserError, atomic_write, cli, ensure_writable, nearest_existing, plural
+from utils import (DEFAULT_DATA_DIR, TTA_VIEWS, UserError, atomic_write, cli, ensure_writable, nearest_existing,
+                   plural, tta_label)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")  # CIFAR-10's label order
@@ -285,9 +286,19 @@ def make_loaders(datasets, args, device):
             "test": Loader(*datasets["test"], EVAL_BATCH_SIZE, device, views=args.eval_views)}
 
 
+def check_views(ckpt, views):
+    """A chain evaluates at its dense model's number of TTA views throughout: every stage
+    prints its accuracies beside the earlier ones."""
+    measured = (ckpt.get("args") or {}).get("eval_views", TTA_VIEWS)  # older checkpoints: all four
+    if measured != views:
+        raise UserError(f"the checkpoint's accuracies were measured with {tta_label(measured)}, this run's would "
+                        f"be with {tta_label(views)}: pass --eval-views {measured}, or train again with {views}")
+
+
 def load_data_for(ckpt, args, device, train=False):
     """Loaders over the very split the checkpoint was trained with (val/test; train too
-    when asked)."""
+    when asked), evaluating at its number of views."""
+    check_views(ckpt, args.eval_views)
     split = ckpt["split"]
     datasets, found = get_datasets(args.data_dir, split["val_size"], split["split_seed"],
                                    getattr(args, "train_subset", None))

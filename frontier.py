@@ -33,6 +33,7 @@ import math
 import multiprocessing
 import os
 import statistics
+import sys
 import threading
 import time
 import traceback
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from data import load_data_for
+from data import check_views, load_data_for
 from export import read_export, load_sparse_export, save_sparse_export
 from finetune import finetune_model
 from model import build_model_from_checkpoint
@@ -252,7 +253,8 @@ def plan_chains(methods, targets, seeds, points):
 def lock_sweep(out):
     """Hold the OS's exclusive lock on OUT's lock file (.NAME.lock beside it, left there), so
     that a second sweep on the same file is refused, not left to overwrite the first one's
-    runs; the kernel drops the lock of a killed process."""
+    runs; the kernel drops the lock of a killed process. Where the file system has no locks,
+    a warning says so and the sweep runs."""
     lock_path = out.with_name(f".{out.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as lock:
@@ -261,8 +263,9 @@ def lock_sweep(out):
         except BlockingIOError:
             raise UserError(f"{out} is being written by another frontier.py right now: wait for it to end (rerunning "
                             "then continues the sweep), or pass another --out") from None
-        except OSError as e:  # a file system without locks (some NFS or Lustre mounts)
-            raise UserError(f"cannot lock {lock_path} ({e.strerror}): pass an --out on a local disk") from None
+        except OSError as e:  # a file system without locks (some NFS or Lustre mounts): run unguarded
+            print(f"warning: cannot lock {lock_path} ({e.strerror}); run one sweep at a time on {out.name}",
+                  file=sys.stderr)
         yield
 
 
@@ -532,10 +535,7 @@ def main(args):
     if not dense_ckpt["split"]["val_size"]:
         raise UserError(f"{source} was trained with --val-size 0, but a run keeps its best epoch by validation: "
                         "train the dense model with a validation split")
-    dense_views = (dense_ckpt.get("args") or {}).get("eval_views", TTA_VIEWS)
-    if dense_views != args.eval_views:  # the table and plot measure every run against the dense model
-        raise UserError(f"{source}'s accuracies were measured with {tta_label(dense_views)}, this sweep's would be "
-                        f"with {tta_label(args.eval_views)}: pass --eval-views {dense_views}")
+    check_views(dense_ckpt, args.eval_views)  # now, not in the runs
     source_sha256 = file_sha256(source)
     scan = load_scan(args.scan or ckpt_dir / "sensitivity.json", model, source_sha256) if any(
         m.startswith("scan") for m in methods) else None

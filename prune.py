@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from data import load_data_for
+from data import check_views, load_data_for
 from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
 from utils import (MiB, UserError, add_common_args, cli, ensure_writable, evaluate, format_table, fraction,
@@ -394,6 +394,7 @@ def main(args):
                         "target, run `python sensitivity.py --target-sparsity FRACTION`")
     source = Path(args.checkpoint or ckpt_dir / "dense.pt")
     ckpt = load_checkpoint(source, stages=("dense", "finetuned"))
+    check_views(ckpt, args.eval_views)  # --gradual evaluates nothing but carries the source's accuracies
     device = get_device(args.device)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     exclude = resolve_names(args.exclude, get_prunable_names(model))

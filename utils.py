@@ -174,22 +174,21 @@ AUTOCAST_ENV = "PRUNING_AUTOCAST"  # auto | fp32 | bf16: what the training and e
 def native_bf16_cpu():
     """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX) and oneDNN may use it. oneDNN
     also runs bf16 on plain AVX-512 by converting to fp32, but there the width-0.25 training
-    step ran 2.4x slower than fp32 (bench.py on a Xeon Ice Lake), and with AVX2 kernels some
-    10x slower."""
+    step ran 2.4x slower than fp32 (bench.py on a Xeon Ice Lake)."""
     has = [getattr(torch.cpu, f"_is_{isa}_supported", lambda: False) for isa in ("avx512_bf16", "amx_tile")]
     return torch.ops.mkldnn._is_mkldnn_bf16_supported() and any(f() for f in has)  # torch < 2.3: fp32
 
 
 def compute_dtype(device):
-    """'bf16' on a CUDA GPU with bf16 or a CPU with native bf16, else 'fp32'; the environment
+    """'bf16' on a GPU or a CPU with native bf16, else 'fp32'; the environment
     variable PRUNING_AUTOCAST=fp32 (or bf16) overrides the choice."""
     choice = os.environ.get(AUTOCAST_ENV, "auto").strip().lower() or "auto"
     if choice not in ("auto", "fp32", "bf16"):
         raise UserError(f"{AUTOCAST_ENV}={choice!r} is not a choice: use auto, fp32 or bf16")
     if choice != "auto":
         return choice
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda":  # Ampere (8.x) and later compute bf16; older GPUs only emulate it
+        return "bf16" if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
     return "bf16" if device.type == "cpu" and native_bf16_cpu() else "fp32"
 
 
@@ -209,14 +208,15 @@ def translate(x, dy, dx):
     return moved.contiguous(memory_format=torch.channels_last)  # the layout the convs run fastest in
 
 
-TTA_VIEWS = 4  # every accuracy the README gives uses all four
+# Test-time augmentation: the image, its mirror, the image moved one pixel down-right, and
+# the image moved one pixel up-left then mirrored.
+VIEWS = (lambda x: x, lambda x: x.flip(3), lambda x: translate(x, 1, 1), lambda x: translate(x, -1, -1).flip(3))
+TTA_VIEWS = len(VIEWS)  # every accuracy the README gives uses all four
 
 
 def tta_views(x, views=TTA_VIEWS):
-    """Test-time augmentation: the first `views` (1 to 4) of an (N, 3, H, W) batch's views:
-    the image, its mirror, the image moved one pixel down-right, and the image moved one
-    pixel up-left then mirrored."""
-    return (x, x.flip(3), translate(x, 1, 1), translate(x, -1, -1).flip(3))[:views]
+    """The first `views` (1 to 4) test-time augmentation views of an (N, 3, H, W) batch."""
+    return tuple(view(x) for view in VIEWS[:views])
 
 
 def tta_label(views=TTA_VIEWS):
@@ -346,6 +346,8 @@ TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d{1,7})-
 
 
 def process_alive(pid):
+    if pid <= 0:  # os.kill(0, 0) would ask about our own process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -490,19 +492,20 @@ def describe_load_error(path, error):
 
 def damage(path):
     """What is wrong with a torch.save zip, in words, or None when every entry's bytes match
-    the CRC-32 torch.save wrote beside them (torch.load never checks it). torch.save stores
-    every entry plain, so one marked compressed or encrypted is damage too (a flipped bit in
-    the zip's directory); a file that is no zip at all is left to torch.load's error."""
+    the CRC-32 torch.save wrote beside them (torch.load never checks it). A file that is no
+    zip at all, or cannot be opened, is left to torch.load's error, which says which."""
     try:
         with zipfile.ZipFile(path) as archive:
-            odd = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED or i.flag_bits & 1]
-            if odd:
-                return f"its part {odd[0]!r} is marked compressed or encrypted, which torch.save never writes"
+            folder = next((i.filename for i in archive.infolist() if i.external_attr & 0x10), None)
+            if folder:  # torch.load would read that entry as an empty folder: garbage weights
+                return f"its zip directory marks the part {folder!r} as a folder"
             bad = archive.testzip()
             return bad and f"its part {bad!r} fails the CRC-32 checksum written with it"
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, PermissionError):
         return None
     except (zlib.error, NotImplementedError, RuntimeError, OSError, EOFError, ValueError):
+        # A flipped bit in the zip's directory: an entry marked compressed or encrypted (torch.save
+        # stores all plain), or an offset out of range. torch.load could read such a file wrong.
         return "its zip directory cannot be read"
 
 
@@ -600,7 +603,8 @@ def cli(main, parser, argv=None):
     try:
         return main(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: the run did not finish, its results are not written", file=sys.stderr)
+        print("\ninterrupted: the run did not finish: run it again (an output it had already replaced may not "
+              "match the others until then)", file=sys.stderr)
         sys.exit(Interrupted.exit_code)
     except UserError as e:
         prefix = "\ninterrupted" if isinstance(e, Interrupted) else "error"

@@ -97,6 +97,13 @@ BAD_INPUTS = [  # (script, extra args, what the one line must say)
      "no prunable tensor named 'conv9'"),
     ("prune", lambda t: ["--target", "0.9"], "sensitivity.py --target-sparsity"),
     ("frontier", lambda t: ["--methods", "global,magic"], "choose from uniform, global, scan, random"),
+    # A chain evaluates at its dense model's views (4 here) throughout.
+    ("frontier", lambda t: ["--eval-views", "1"], "pass --eval-views 4"),
+    ("prune", lambda t: ["--eval-views", "2", "--method", "global", "--target", "0.9", "--gradual"],
+     "pass --eval-views 4"),
+    ("finetune", lambda t: ["--eval-views", "1"], "pass --eval-views 4"),
+    ("quantize", lambda t: ["--eval-views", "3"], "pass --eval-views 4"),
+    ("sensitivity", lambda t: ["--eval-views", "1"], "pass --eval-views 4"),
     ("prune", lambda t: ["--method", "random", "--target", "0.5", "--gradual"], "one-shot control"),
     ("frontier", lambda t: ["--checkpoint", "{ckpt}/pruned.pt"], "'pruned' checkpoint"),
     ("frontier", lambda t: ["--methods", "scan", "--scan", bad_json(t, '{"dense_acc": 1}')], "not a scan"),

@@ -132,11 +132,13 @@ def test_a_killed_saves_temporary_file_is_removed_and_a_live_ones_kept(chain, im
     assert not stale.exists() and live.exists() and remote.exists() and other.exists()
 
 
-def test_an_entry_marked_compressed_in_the_zips_directory_is_damage(chain):
-    # torch.save stores every entry plain; a flipped bit there made torch.load read zeros.
+# Bits of the zip's directory (its central header per entry) that torch.load reads wrong
+# without a word: an entry marked deflated (it read zeros), one marked a folder (garbage).
+@pytest.mark.parametrize("offset,value", [(10, 8), (38, 0x10)], ids=["compressed", "folder"])
+def test_a_flipped_bit_in_the_zips_directory_is_damage(offset, value, chain):
     path = chain / "dense.pt"
     data = bytearray(path.read_bytes())
-    data[data.find(b"PK\x01\x02") + 10] = 8  # the first entry's compression method: deflate
+    data[data.find(b"PK\x01\x02") + offset] |= value  # the first entry's header
     path.write_bytes(bytes(data))
     with pytest.raises(UserError, match="is damaged"):
         load_checkpoint(path)

@@ -124,3 +124,13 @@ def test_a_resume_from_another_checkpoint_is_refused(dense, image_folder, tmp_pa
     with pytest.raises(UserError, match="another checkpoint"):
         finetune.main(script_args(finetune.get_finetune_args_parser(), image_folder, tmp_path / "a", "--resume",
                                   "--checkpoint", str(tmp_path / "b" / "pruned.pt")))
+
+
+def test_a_sweep_file_from_before_eval_views_counts_as_four(tmp_path):
+    budget = {k: 1 for k in frontier.BUDGET_FLAGS if k != "eval_views"}
+    dense = {"width": 0.0625}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"dense": dense, "budget": budget, "points": []}))
+    assert frontier.load_sweep(path, dense, {**budget, "eval_views": 4}) == []
+    with pytest.raises(UserError, match="another dense model or budget"):
+        frontier.load_sweep(path, dense, {**budget, "eval_views": 1})
