@@ -44,9 +44,10 @@ import torch
 import data
 from model import build_model
 from sensitivity import DEFAULT_SPARSITIES
-from utils import (AUTOCAST_ENV, MAX_WIDTH, TTA, UserError, cli, comma_list, compute_dtype, format_table, get_device,
-                   get_model_macs, load_checkpoint, native_bf16_cpu, nonnegative_int, positive_int, resolve_jobs,
-                   save_checkpoint, seed_int, TTA_VIEWS, width)
+from checkpoint import load_checkpoint, save_checkpoint
+from cli import cli, comma_list, MAX_WIDTH, nonnegative_int, positive_int, seed_int, width
+from utils import (AUTOCAST_ENV, compute_dtype, format_table, get_device, get_model_macs, native_bf16_cpu,
+                   resolve_jobs, TTA, TTA_VIEWS, UserError)
 
 width_list = comma_list(width, f"widths (numbers above 0, at most {MAX_WIDTH})")
 

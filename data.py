@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import (DEFAULT_DATA_DIR, TTA_VIEWS, UserError, atomic_write, cli, ensure_writable, nearest_existing,
-                   plural, tta_label)
+from checkpoint import atomic_write, ensure_writable, nearest_existing
+from cli import cli, DEFAULT_DATA_DIR
+from utils import plural, tta_label, TTA_VIEWS, UserError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")  # CIFAR-10's label order

@@ -37,8 +37,10 @@ import torch
 
 from data import EVAL_BATCH_SIZE, Loader, get_datasets
 from model import build_model
-from utils import (MADE_BY, MAX_WIDTH, UserError, add_common_args, atomic_write, cli, evaluate, format_table,
-                   get_device, get_model_size, short_name, tta_label)
+from checkpoint import atomic_write, MADE_BY
+from cli import add_common_args, cli, MAX_WIDTH
+from plots import short_name
+from utils import evaluate, format_table, get_device, get_model_size, tta_label, UserError
 
 MAGIC = b"FGSPARSE"
 FORMAT = "fine-grained-sparse/4"

@@ -20,29 +20,10 @@ from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
 from prune import FineGrainedPruner, GradualSchedule
 from train import FINETUNE, fit, get_args_parser, resumed_args
-from utils import (MiB, cli, ensure_writable, evaluate, get_device, load_checkpoint, make_checkpoint,
-                   measure, pyplot, save_checkpoint, save_figure, set_seed)
-
-
-def plot_summary(stages, path):
-    """Two bar panels, size (MiB) and test accuracy (%), for dense / pruned / finetuned
-    (the stages given)."""
-    plt = pyplot()
-    names = list(stages)
-    colors = [{"dense": "tab:gray", "pruned": "tab:orange"}.get(n, "tab:green") for n in names]
-    fig, (ax_size, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, label, fmt in ((ax_size, "size_mib", "model size (MiB)", "{:.2f}"),
-                                (ax_acc, "test_acc", "test accuracy (%)", "{:.2f}%")):
-        values = [stages[n][key] for n in names]
-        bars = ax.bar(names, values, color=colors)
-        ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=8)
-        ax.set_ylabel(label)
-        ax.margins(y=0.15)
-    low = min(stages[n]["test_acc"] for n in names)
-    ax_acc.set_ylim(max(0, low - 10), 100)
-    fig.suptitle(" vs ".join(names))
-    fig.tight_layout()
-    return save_figure(fig, path)
+from checkpoint import ensure_writable, load_checkpoint, make_checkpoint, save_checkpoint
+from cli import cli
+from plots import plot_summary
+from utils import evaluate, get_device, measure, MiB, set_seed
 
 
 def finetune_model(model, masks, schedule, loaders, args, keep_best, state_path=None, source=None,

@@ -52,10 +52,11 @@ from quantize import quantize_model
 from sensitivity import drop_for_target, suggest_sparsity
 from train import FINETUNE
 from train import get_args_parser as get_training_args_parser
-from utils import (Interrupted, UserError, cli, ensure_writable, evaluate, file_sha256, format_table,
-                   fraction_list, get_device, int_in, is_fraction, load_checkpoint, measure, nonnegative_int, plural,
-                   positive_float, positive_int, pyplot, read_json, resolve_jobs, save_figure, seed_list,
-                   TTA_VIEWS, tta_label, write_json)
+from checkpoint import ensure_writable, file_sha256, load_checkpoint, read_json, write_json
+from cli import cli, fraction_list, int_in, is_fraction, nonnegative_int, positive_float, positive_int, seed_list
+from plots import plot_frontier
+from utils import (evaluate, format_table, get_device, Interrupted, measure, plural, resolve_jobs, tta_label,
+                   TTA_VIEWS, UserError)
 
 ALLOCATIONS = ("uniform", "global", "scan", "random")
 METHODS = (*ALLOCATIONS, "uniform-gradual", "global-gradual", "scan-gradual",
@@ -407,60 +408,6 @@ def summarize(points):
     return rows
 
 
-def plot_frontier(sweep, path):
-    """Test accuracy (mean +- std over seeds) against the compression on disk, fp32 export
-    (solid) and weight-shared export (dotted) (left), and against MACs on nonzero weights
-    (right); a colour per method, the dense accuracy and its 0.5-point band."""
-    from matplotlib.ticker import NullFormatter
-
-    plt = pyplot()
-    dense, rows = sweep["dense"], summarize(sweep["points"])
-    fig, (ax_size, ax_macs) = plt.subplots(1, 2, figsize=(14, 5.6), sharey=True)
-    shown = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    bits = sweep["budget"]["bits"]
-    for i, method in enumerate(shown):
-        mine = [r for r in rows if r["method"] == method]
-        runs = sorted({r["n"] for r in mine})
-        n = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
-        style = {"color": f"C{i % 10}", "capsize": 3, "lw": 1.5}
-        err = [0 if r["n"] < 2 else r["test_acc_std"] for r in mine]
-        ax_size.errorbar([dense["checkpoint_bytes"] / r["export_bytes"] for r in mine], [r["test_acc"] for r in mine],
-                         yerr=err, marker="o", label=f"{method} (n={n})", **style)
-        ax_macs.errorbar([r["macs"] / 1e6 for r in mine], [r["test_acc"] for r in mine], yerr=err, marker="o",
-                         label=method, **style)
-        if bits:
-            q = [r for r in mine if "q_test_acc" in r]
-            ax_size.errorbar([dense["checkpoint_bytes"] / r["q_export_bytes"] for r in q], [r["q_test_acc"] for r in q],
-                             yerr=[0 if r["n"] < 2 else r["q_test_acc_std"] for r in q], marker="s", ls=":",
-                             **style)
-    for ax in (ax_size, ax_macs):
-        ax.axhline(dense["test_acc"], color="k", lw=1, label=f"dense {dense['test_acc']:.2f}%")
-        ax.axhspan(dense["test_acc"] - 0.5, dense["test_acc"], color="k", alpha=0.08, label="within 0.5 points")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.grid(alpha=0.3)
-    accs = [r["test_acc"] for r in rows] + [r["q_test_acc"] for r in rows if "q_test_acc" in r]
-    ax_size.set_ylim(max(min(accs) - 1, dense["test_acc"] - 20), dense["test_acc"] + 1)
-    ratios = [dense["checkpoint_bytes"] / r[k] for r in rows for k in ("export_bytes", "q_export_bytes") if k in r]
-    ticks = [t for t in (2, 3, 5, 10, 20, 30, 50, 100, 150, 200, 300, 500) if 0.8 * min(ratios) <= t <= 1.25 * max(ratios)]
-    ax_size.set_xticks(ticks, [f"{t}x" for t in ticks])
-    shared = f"; dotted: {bits}-bit weight sharing" if bits else ""
-    ax_size.set_xlabel(f"smaller on disk than dense.pt ({dense['checkpoint_bytes'] / 2**20:.2f} MiB); "
-                       f"solid: fp32 export{shared}")
-    ax_size.set_ylabel("test accuracy (%), mean +- std over seeds")
-    ax_size.legend(fontsize=8, loc="lower left")
-    low, high = min(r["macs"] for r in rows) / 1e6, max(r["macs"] for r in rows) / 1e6
-    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000) if 0.8 * low <= t <= 1.25 * high]
-    ax_macs.set_xticks(ticks, [f"{t:,}" for t in ticks])
-    ax_macs.set_xlabel(f"MACs per image on nonzero weights (M; dense {dense['macs'] / 1e6:,.0f} M), fp32 models")
-    b = sweep["budget"]
-    quantized = f"; then {bits}-bit sharing, {plural(b['quantize_epochs'], 'codebook epoch')}" if bits else ""
-    fig.suptitle(f"Pruning width {dense['width']:g}: every run finetuned {plural(b['epochs'], 'epoch')} on "
-                 f"{b['train_subset'] or 'all'} training images (lr {b['lr']:g}, batch {b['batch_size']}){quantized}")
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
 def print_table(sweep):
     dense, bits = sweep["dense"], sweep["budget"]["bits"]
 
@@ -587,7 +534,7 @@ def main(args):
     if not points:
         raise UserError("no run could be done: see the lines above")
     print_table(sweep)
-    plot = plot_frontier(sweep, plot_dir / "frontier.png")
+    plot = plot_frontier(sweep, summarize(sweep["points"]), plot_dir / "frontier.png")
     print(f"saved {out}, the exports in {folder}/ and {plot}")
     return sweep
 

@@ -28,7 +28,9 @@ import threading
 import time
 from pathlib import Path
 
-from utils import Interrupted, UserError, cli, ensure_writable, load_checkpoint, read_json, write_json
+from checkpoint import ensure_writable, load_checkpoint, read_json, write_json
+from cli import cli
+from utils import Interrupted, UserError
 
 ITERATIVE = [["prune.py", "--method", "global", "--target", "0.9"], ["finetune.py"],
              ["prune.py", "--checkpoint", "{ckpt}/finetuned.pt", "--method", "global", "--target", "0.95"],

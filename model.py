@@ -91,7 +91,7 @@ def build_model_from_checkpoint(ckpt):
 
 
 def get_args_parser():
-    from utils import width
+    from cli import width
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=width, default=1.0,
@@ -100,7 +100,7 @@ def get_args_parser():
 
 
 def main(args):
-    from utils import MiB, get_model_macs, get_model_size, get_num_parameters
+    from utils import get_model_macs, get_model_size, get_num_parameters, MiB
 
     model = build_model(args.width)
     for name, p in model.named_parameters():
@@ -108,10 +108,10 @@ def main(args):
             print(f"{name:42s} {str(tuple(p.shape)):20s} {p.numel():>10,}")
     macs = get_model_macs(model, torch.randn(1, 3, 32, 32))
     print(f"parameters {get_num_parameters(model):,}  MACs {macs / 1e9:.2f} G  "
-          f"size {get_model_size(model) / MiB:.2f} MiB (fp32)")
+          f"size {get_model_size(model) / 8 / MiB:.2f} MiB (fp32)")
 
 
 if __name__ == "__main__":
-    from utils import cli
+    from cli import cli
 
     cli(main, get_args_parser())

@@ -21,7 +21,6 @@ its pruned weights stay pruned:
 Writes checkpoints/pruned.pt, plots/weights.png and, when it prunes now, pruned.sparse.pt.
 """
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -29,10 +28,10 @@ import torch
 from data import check_views, load_data_for
 from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
-from utils import (MiB, UserError, add_common_args, cli, ensure_writable, evaluate, format_table, fraction,
-                   fraction_in, get_device, get_model_size, get_sparsity, is_fraction, load_checkpoint,
-                   make_checkpoint, measure, plural, positive_int, pyplot, read_json, save_checkpoint,
-                   save_figure, seed_int, short_name)
+from checkpoint import ensure_writable, load_checkpoint, make_checkpoint, read_json, save_checkpoint
+from cli import add_common_args, cli, fraction, fraction_in, is_fraction, positive_int, seed_int
+from plots import plot_weights
+from utils import evaluate, format_table, get_device, get_model_size, get_sparsity, measure, MiB, plural, UserError
 
 # The original run's per-layer sparsities (fraction of weights set to zero).
 SPARSITY = {
@@ -326,26 +325,6 @@ def size_report(model, dense_bits):
     sparse_bits = get_model_size(model, count_nonzero_only=True)
     return (f"Original model size: {dense_bits / MiB:.2f} MiB\n"
             f"Sparse model size: {sparse_bits / MiB:.2f} MiB ({dense_bits / sparse_bits:.2f}x smaller)")
-
-
-def plot_weights(model, path, bins=256):
-    """Histograms of each prunable tensor's nonzero weights (one panel per layer)."""
-    plt = pyplot()
-    names = get_prunable_names(model)
-    params = dict(model.named_parameters())
-    cols = 6
-    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(3 * cols, 2.4 * math.ceil(len(names) / cols)))
-    for ax, name in zip(axes.flat, names):
-        w = params[name].detach().float().flatten().cpu()
-        ax.hist(w[w != 0].numpy(), bins=bins, color="tab:blue", alpha=0.8)
-        ax.set_title(f"{short_name(name)}\n"
-                     f"sparsity {get_sparsity(w):.2f}", fontsize=8)
-        ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.suptitle("Distribution of the remaining (nonzero) weights per layer")
-    fig.tight_layout()
-    return save_figure(fig, path)
 
 
 def add_pruning_args(parser):

@@ -25,8 +25,9 @@ from export import export_with_report
 from model import build_model_from_checkpoint
 from prune import SPARSITY, get_prunable_names
 from train import RUN_FLAGS, fit, get_args_parser, resumed_args
-from utils import (MiB, UserError, cli, ensure_writable, evaluate, get_device, int_in, load_checkpoint,
-                   make_checkpoint, measure, plural, save_checkpoint, set_seed)
+from checkpoint import ensure_writable, load_checkpoint, make_checkpoint, save_checkpoint
+from cli import cli, int_in
+from utils import evaluate, get_device, measure, MiB, plural, set_seed, UserError
 
 # Bits per shared value, layer by layer: at most 2**bits distinct nonzero weights.
 BITS = {name: 4 for name in SPARSITY}

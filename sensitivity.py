@@ -12,7 +12,6 @@ Writes checkpoints/sensitivity.json, checkpoints/sparsity_suggested.json,
 plots/sensitivity.png and plots/parameters.png, and prints the suggested dict.
 """
 import argparse
-import math
 import sys
 
 import torch
@@ -20,10 +19,10 @@ import torch
 from data import Loader, load_data_for
 from model import build_model_from_checkpoint
 from prune import fine_grained_prune, get_prunable_names
-from utils import (MiB, add_common_args, autocast, cli, ensure_writable, evaluate, format_table,
-                   file_sha256, fraction_in, fraction_list, get_device, get_model_size, load_checkpoint,
-                   nonnegative_float, positive_int, progress, pyplot, save_figure, short_name, tta_views,
-                   write_json)
+from checkpoint import ensure_writable, file_sha256, load_checkpoint, write_json
+from cli import add_common_args, cli, fraction_in, fraction_list, nonnegative_float, positive_int
+from plots import plot_parameters, plot_sensitivity, short_name
+from utils import autocast, evaluate, format_table, get_device, get_model_size, MiB, progress, tta_views
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)  # the scripts' and the Makefile's
 
@@ -123,57 +122,6 @@ def drop_for_target(dense_acc, sparsities, accuracies, num_parameters, target):
         if overall_sparsity(suggestion, num_parameters) >= target:
             return drop
     return None
-
-
-def plot_sensitivity(result, suggestion, path):
-    """One panel per layer: accuracy against sparsity, the dense accuracy and the allowed drop."""
-    plt = pyplot()
-    dense, drop, sparsities = result["dense_acc"], result["max_drop"], result["sparsities"]
-    names = list(result["accuracy"])
-    cols = 6
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        accs = result["accuracy"][name]
-        ok = [dense - a <= drop for a in accs]
-        ax.plot(sparsities, accs, color="0.3", lw=1.2, zorder=1)
-        ax.scatter(sparsities, accs, c=["tab:green" if o else "tab:red" for o in ok], s=18, zorder=2)
-        ax.axhline(dense, color="tab:blue", ls="--", lw=1, label=f"dense {dense:.1f}%")
-        ax.axhline(dense - drop, color="tab:red", ls=":", lw=1, label=f"allowed drop {drop:.2f}")
-        if suggestion[name] > 0:
-            ax.axvline(suggestion[name], color="tab:green", lw=0.8, alpha=0.6)
-        low = min(min(accs), dense - 2 * drop)
-        ax.set_ylim(max(0, low - 0.1 * (dense - low) - 0.5), min(100, dense + 0.15 * (dense - low) + 0.5))
-        ax.set_title(f"{short_name(name)} "
-                     f"({result['num_parameters'][name]:,})\nsuggested {suggestion[name]:.2f}", fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("sparsity", fontsize=8)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("accuracy (%)", fontsize=8)
-    axes.flat[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"Sensitivity scan on the {result['split']} split ({result['num_images']:,} images): "
-                 "green points stay within the allowed drop")
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_parameters(num_parameters, path):
-    """Horizontal bars: parameter count per prunable layer."""
-    plt = pyplot()
-    names = [short_name(n) for n in num_parameters]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1))
-    ax.barh(names[::-1], list(num_parameters.values())[::-1], color="tab:blue")
-    for i, v in enumerate(list(num_parameters.values())[::-1]):
-        ax.text(v, i, f" {v:,}", va="center", fontsize=7)
-    ax.set_xlabel("parameters")
-    ax.set_title("Parameters per prunable layer: where pruning saves the most")
-    ax.margins(x=0.15)
-    fig.tight_layout()
-    return save_figure(fig, path)
 
 
 def get_args_parser():

@@ -22,10 +22,11 @@ from tqdm import tqdm
 
 from data import get_datasets, make_loaders
 from model import build_model
-from utils import (Interrupted, UserError, add_common_args, autocast, cli, ensure_writable,
-                   evaluate, file_sha256, fraction, fraction_in, get_device, int_in, load_checkpoint, make_checkpoint,
-                   measure, model_summary, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                   progress, run_args, save_checkpoint, seed_int, set_seed, tta_label, width)
+from checkpoint import ensure_writable, file_sha256, load_checkpoint, make_checkpoint, save_checkpoint
+from cli import (add_common_args, cli, fraction, fraction_in, int_in, nonnegative_float, nonnegative_int,
+                 positive_float, positive_int, run_args, seed_int, width)
+from utils import (autocast, evaluate, get_device, Interrupted, measure, model_summary, progress, set_seed,
+                   tta_label, UserError)
 
 # The finetuning recipe that finetune.py and frontier.py share: a few epochs at full size.
 FINETUNE = {"epochs": 10, "lr": 0.05, "batch_size": 256, "low_res_epochs": 0}

@@ -21,7 +21,8 @@ import quantize
 import sensitivity
 import train
 from conftest import TINY_TRAIN
-from utils import cli, load_checkpoint
+from checkpoint import load_checkpoint
+from cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

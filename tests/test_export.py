@@ -9,7 +9,8 @@ from export import MAGIC, information_bound, load_sparse_export, save_sparse_exp
 from model import build_model
 from prune import SPARSITY, FineGrainedPruner, allocate
 from quantize import BITS, KMeansQuantizer
-from utils import UserError, save_checkpoint
+from checkpoint import save_checkpoint
+from utils import UserError
 
 CONFIG = {"width": 0.25, "num_classes": 10}
 

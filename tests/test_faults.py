@@ -14,9 +14,10 @@ import pytest
 import finetune
 import frontier
 import prune
-import utils
+import checkpoint
 from test_cli import PARSERS, assert_one_line, run_cli, script_argv, tree
-from utils import HOST, UserError, load_checkpoint, temp_name
+from checkpoint import HOST, load_checkpoint, temp_name
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 FRONTIER = ["--methods", "global", "--sparsities", "0.9", "--epochs", "1", "--batch-size", "32", "--bits", "0",
@@ -53,7 +54,7 @@ def full_disk(monkeypatch, where):
     """Every file write fails as a full disk makes it: partway through the bytes ("write"), or
     at the final fsync, when the data written to the page cache finds no free block ("fsync")."""
     if where == "write":
-        monkeypatch.setattr(utils, "open", lambda *a, **k: FillingDisk(builtins.open(*a, **k), 1000), raising=False)
+        monkeypatch.setattr(checkpoint, "open", lambda *a, **k: FillingDisk(builtins.open(*a, **k), 1000), raising=False)
     else:
         monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(no_space()))
 

@@ -11,7 +11,8 @@ import finetune
 import frontier
 import prune
 from conftest import interrupt_in_epoch, script_args
-from utils import Interrupted, UserError, load_checkpoint
+from checkpoint import load_checkpoint
+from utils import Interrupted, UserError
 
 @pytest.fixture
 def dense(chain):

@@ -11,7 +11,8 @@ import prune
 import quantize
 from conftest import script_args
 from model import build_model_from_checkpoint
-from utils import STAGES, UserError, get_sparsity, load_checkpoint, measure
+from checkpoint import load_checkpoint, CHAIN
+from utils import get_sparsity, measure, UserError
 
 FIGURES = {"val_acc", "test_acc", "sparsity", "size_bits", "macs"}
 
@@ -21,7 +22,7 @@ def test_train_writes_a_dense_checkpoint(chain_dir):
     assert ckpt["config"] == {"width": 0.0625, "num_classes": 10}
     assert FIGURES <= set(ckpt["metrics"]) and len(ckpt["history"]) == 2
     assert ckpt["metrics"]["sparsity"] == pytest.approx(0.0, abs=1e-3)
-    assert not set(ckpt["metrics"]) & set(STAGES)  # the first stage carries none
+    assert not set(ckpt["metrics"]) & set(CHAIN)  # the first stage carries none
     assert ckpt["split"]["val_size"] == 40
     assert not (chain_dir / "dense.resume.pt").exists()
 
@@ -43,10 +44,10 @@ def test_each_checkpoint_describes_its_own_model_and_carries_the_earlier_stages(
     ckpt = load_checkpoint(chain_dir / f"{stage}.pt", stages=(stage,))
     model = build_model_from_checkpoint(ckpt)
     assert {k: ckpt["metrics"][k] for k in ("sparsity", "size_bits", "macs")} == measure(model, stage != "dense")
-    assert [s for s in STAGES if s in ckpt["metrics"]] == earlier
+    assert [s for s in CHAIN if s in ckpt["metrics"]] == earlier
     for name in earlier:  # carried as that stage's own file said, top-level figures only
         source = load_checkpoint(chain_dir / f"{name}.pt", stages=(name,))["metrics"]
-        own = {k: v for k, v in source.items() if k not in STAGES}
+        own = {k: v for k, v in source.items() if k not in CHAIN}
         assert {k: v for k, v in ckpt["metrics"][name].items() if k != "checkpoint_bytes"} == own
     if earlier:
         assert ckpt["metrics"]["dense"]["checkpoint_bytes"] == (chain_dir / "dense.pt").stat().st_size
@@ -125,7 +126,7 @@ def test_quantized_checkpoint_follows_the_schema(chain, image_folder):
     out = quantize.main(script_args(quantize.get_quantize_args_parser(), image_folder, chain,
                                     "--epochs", "1", "--batch-size", "32", "--bits", "2"))
     ckpt = load_checkpoint(chain / "quantized.pt", stages=("quantized",))
-    assert [s for s in STAGES if s in ckpt["metrics"]] == ["dense", "pruned", "finetuned"]
+    assert [s for s in CHAIN if s in ckpt["metrics"]] == ["dense", "pruned", "finetuned"]
     assert ckpt["metrics"]["size_bits"] == quantize.quantized_size(build_model_from_checkpoint(ckpt), ckpt["bits"])
     assert ckpt["metrics"]["size_bits"] < ckpt["metrics"]["finetuned"]["size_bits"] / 4
     assert out["export_bytes"] == (chain / "quantized.sparse.pt").stat().st_size

@@ -12,7 +12,8 @@ from model import build_model
 from prune import SPARSITY, FineGrainedPruner
 from quantize import BITS, KMeansQuantizer, k_means_quantize, quantized_size
 from train import build_optimizer
-from utils import Interrupted, UserError, load_checkpoint
+from checkpoint import load_checkpoint
+from utils import Interrupted, UserError
 
 
 def distinct_nonzero(tensor):

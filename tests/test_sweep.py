@@ -17,7 +17,8 @@ import prune
 import quantize
 from conftest import script_args
 from export import load_sparse_export
-from utils import UserError, load_checkpoint
+from checkpoint import load_checkpoint
+from utils import UserError
 
 BUDGET = ("--epochs", "2", "--batch-size", "32")
 

@@ -11,18 +11,18 @@ import torch
 from data import Loader
 from model import build_model
 from prune import FineGrainedPruner, SPARSITY
-from utils import (MiB, UserError, autocast, compute_dtype, evaluate, get_device, get_model_size, get_model_sparsity,
-                   get_num_parameters, get_sparsity, load_checkpoint, native_bf16_cpu, save_checkpoint, translate,
-                   tta_views)
+from checkpoint import load_checkpoint, save_checkpoint
+from utils import (autocast, compute_dtype, evaluate, get_device, get_model_size, get_model_sparsity,
+                   get_num_parameters, get_sparsity, MiB, native_bf16_cpu, translate, tta_views, UserError)
 
 
 def test_size_accounting_matches_the_seed():
     model = build_model()
     assert get_num_parameters(model) == 20_145_738
-    assert f"{get_model_size(model) / MiB:.2f}" == "76.85"
+    assert f"{get_model_size(model) / 8 / MiB:.2f}" == "76.85"
     FineGrainedPruner(model, SPARSITY)
     sparse = get_model_size(model, count_nonzero_only=True)
-    assert f"{sparse / MiB:.2f}" == "16.16"
+    assert f"{sparse / 8 / MiB:.2f}" == "16.16"
     assert 0.75 < get_model_sparsity(model) < 0.8
 
 
