@@ -297,8 +297,6 @@ def bench_export_of(path):
     from model import build_model_from_checkpoint
 
     ckpt = load_checkpoint(path, stages=("pruned", "finetuned", "quantized"))
-    if ckpt.get("schedule") and ckpt["stage"] == "pruned":
-        raise UserError(f"{path} was pruned with --gradual: its masks are not applied yet; measure its finetuned.pt")
     model = build_model_from_checkpoint(ckpt)
     shared = ckpt["stage"] == "quantized"
     print(f"--- {path}: {ckpt['stage']}, width {ckpt['config']['width']:g}, sparsity "

@@ -226,6 +226,9 @@ def load_checkpoint(path, stages=("dense", "pruned", "finetuned")):
         wanted = " or ".join(repr(s) for s in stages)
         raise UserError(f"{path} is a {ckpt['stage']!r} checkpoint, but this script needs "
                         f"{wanted}: {MADE_BY[stages[0]]}")
+    if ckpt["stage"] == "pruned" and ckpt.get("schedule"):
+        raise UserError(f"{path} is a gradual pruning plan from an older version (its model is not pruned yet): "
+                        "gradual pruning now happens in `python finetune.py --gradual`; run that on the dense model")
     metrics = ckpt.get("metrics")
     dense = metrics.get("dense") if isinstance(metrics, dict) else None
     current = (isinstance(metrics, dict) and {"val_acc", "test_acc", "size_bits", "macs"} <= set(metrics)

@@ -64,6 +64,11 @@ def is_fraction(value):
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 1
 
 
+def is_number(value):
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 fraction = fraction_in(False, False)  # a number in [0, 1], such as a sparsity
 
 

@@ -202,14 +202,14 @@ def augment(images, shifts, flips, translate=2):
 class Loader:
     """Yields (B, 3, 32, 32) normalized float channels_last images and (B,) labels.
 
-    The whole split lives on `device` as uint8; a training loader shuffles, augments
-    and drops the last partial batch, with randomness fixed by (seed, epoch). In its
-    first `low_res_epochs` epochs it yields (B, 3, low_res, low_res) images instead. An
-    evaluation loader's `views` is how many test-time augmentation views utils.evaluate
-    sums per image."""
+    The whole split lives on `device` as uint8. A training loader's batches(epoch, seed)
+    shuffle, augment and drop the last partial batch, their randomness fixed by (seed,
+    epoch); in its first `low_res_epochs` epochs the images are (B, 3, low_res, low_res).
+    An evaluation loader's `views` is how many test-time augmentation views
+    utils.evaluate sums per image."""
 
-    def __init__(self, images, labels, batch_size, device, train=False, seed=0, translate=2,
-                 low_res_epochs=0, low_res=24, views=TTA_VIEWS):
+    def __init__(self, images, labels, batch_size, device, train=False, translate=2, low_res_epochs=0, low_res=24,
+                 views=TTA_VIEWS):
         if batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
         if train and batch_size > len(images):
@@ -220,13 +220,12 @@ class Loader:
                             f"({images.shape[-1]}), got {translate}")
         if not 1 <= views <= TTA_VIEWS:
             raise UserError(f"--eval-views must be 1 to {TTA_VIEWS}, got {views}")
-        self.device = torch.device(device)
-        self.images = images.to(self.device)
-        self.labels = labels.to(self.device)
-        self.batch_size, self.train, self.seed, self.epoch, self.views = batch_size, train, seed, 0, views
         if low_res_epochs < 0 or not 8 <= low_res <= images.shape[-1]:
             raise UserError(f"--low-res-epochs must be 0 or more and --low-res between 8 and "
                             f"{images.shape[-1]} pixels, got {low_res_epochs} and {low_res}")
+        self.device = torch.device(device)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self.batch_size, self.train, self.views = batch_size, train, views
         self.translate, self.low_res_epochs, self.low_res = translate, low_res_epochs, low_res
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(MEAN, device=self.device).view(shape) * 255
@@ -240,35 +239,36 @@ class Loader:
         n = len(self.images)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch):
-        """Choose the epoch whose shuffle and augmentation the next pass uses."""
-        self.epoch = epoch
-
     def normalize(self, images):
         """uint8 (B, 3, H, W) -> float32, zero mean and unit variance per channel, channels_last."""
         x = (images.float() - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last)
 
     def __iter__(self):
+        return self.batches()
+
+    def batches(self, epoch=0, seed=0):
+        """One pass: in order for evaluation; for training, the shuffle and augmentation of
+        (seed, epoch)."""
         n = len(self.images)
         order = torch.arange(n, device=self.device)
         if self.train:
             # All of an epoch's random numbers are drawn at once on the CPU from
             # (seed, epoch), so runs repeat exactly, also after a resume.
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(n, generator=g).to(self.device)
             shifts = torch.randint(0, 2 * self.translate + 1, (n, 2), generator=g).to(self.device)
             # Each image is mirrored in every other epoch, from a random start of its own,
             # so any two epochs in a row show both versions (airbench's alternating flip).
-            first_flip = torch.rand(n, generator=torch.Generator().manual_seed(self.seed)) < 0.5
-            flips = (first_flip ^ bool(self.epoch % 2)).to(self.device)
+            first_flip = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+            flips = (first_flip ^ bool(epoch % 2)).to(self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[idx]
             if self.train:
                 images = augment(images, shifts[idx], flips[idx], self.translate)
             x = self.normalize(images)
-            if self.train and self.epoch < self.low_res_epochs:
+            if self.train and epoch < self.low_res_epochs:
                 # The early epochs learn coarse features, which small images still carry,
                 # at about (low_res / 32)**2 of the cost.
                 x = F.interpolate(x, size=self.low_res, mode="bilinear", antialias=True)
@@ -277,14 +277,16 @@ class Loader:
 
 # ---------------------------------------------------------------- loaders of a run
 
-def make_loaders(datasets, args, device):
-    """Training loader (shuffled, augmented, from the run's flags) and evaluation loaders
-    for val and test."""
-    return {"train": Loader(*datasets["train"], args.batch_size, device, train=True, seed=args.seed,
-                            translate=args.translate, low_res_epochs=args.low_res_epochs,
-                            low_res=args.low_res),
-            "val": Loader(*datasets["val"], EVAL_BATCH_SIZE, device, views=args.eval_views),
-            "test": Loader(*datasets["test"], EVAL_BATCH_SIZE, device, views=args.eval_views)}
+def make_loaders(datasets, recipe, device, views=TTA_VIEWS):
+    """Training loader (shuffled, augmented as the recipe says) and evaluation loaders for
+    val and test, at `views` TTA views."""
+    return {"train": Loader(*datasets["train"], recipe.batch_size, device, train=True, translate=recipe.translate,
+                            low_res_epochs=recipe.low_res_epochs, low_res=recipe.low_res),
+            **eval_loaders(datasets, device, views)}
+
+
+def eval_loaders(datasets, device, views):
+    return {k: Loader(*datasets[k], EVAL_BATCH_SIZE, device, views=views) for k in ("val", "test")}
 
 
 def check_views(ckpt, views):
@@ -296,20 +298,17 @@ def check_views(ckpt, views):
                         f"be with {tta_label(views)}: pass --eval-views {measured}, or train again with {views}")
 
 
-def load_data_for(ckpt, args, device, train=False):
-    """Loaders over the very split the checkpoint was trained with (val/test; train too
-    when asked), evaluating at its number of views."""
-    check_views(ckpt, args.eval_views)
+def load_data_for(ckpt, data_dir, device, views, recipe=None, train_subset=None):
+    """Loaders over the very split the checkpoint was trained with, evaluating at its number
+    of views: val and test, and with a recipe a training loader (of `train_subset` images)."""
+    check_views(ckpt, views)
     split = ckpt["split"]
-    datasets, found = get_datasets(args.data_dir, split["val_size"], split["split_seed"],
-                                   getattr(args, "train_subset", None))
+    datasets, found = get_datasets(data_dir, split["val_size"], split["split_seed"], train_subset)
     if found["num_train_images"] != split["num_train_images"]:
-        raise UserError(f"{args.data_dir} has {found['num_train_images']} training images, but the "
+        raise UserError(f"{data_dir} has {found['num_train_images']} training images, but the "
                         f"checkpoint's split was drawn from {split['num_train_images']}: pass the "
                         "--data-dir it was trained on")
-    if train:
-        return make_loaders(datasets, args, device)
-    return {k: Loader(*datasets[k], EVAL_BATCH_SIZE, device, views=args.eval_views) for k in ("val", "test")}
+    return make_loaders(datasets, recipe, device, views) if recipe else eval_loaders(datasets, device, views)
 
 
 # ---------------------------------------------------------------- decode once

@@ -37,10 +37,10 @@ import torch
 
 from data import EVAL_BATCH_SIZE, Loader, get_datasets
 from model import build_model
-from checkpoint import atomic_write, MADE_BY
-from cli import add_common_args, cli, MAX_WIDTH
+from checkpoint import MADE_BY, atomic_write
+from cli import MAX_WIDTH, add_common_args, cli
 from plots import short_name
-from utils import evaluate, format_table, get_device, get_model_size, tta_label, UserError
+from utils import MiB, UserError, evaluate, format_table, get_device, get_model_size, size_line, tta_label
 
 MAGIC = b"FGSPARSE"
 FORMAT = "fine-grained-sparse/4"
@@ -249,13 +249,9 @@ def export_with_report(model, masks, config, path, dense_bytes, dtype="float32",
     value_bits = torch.finfo(getattr(torch, dtype)).bits
     figures = {"export_bytes": export_bytes, "bound_bytes": information_bound(model, masks, value_bits, shared) / 8}
     values = "codebook + H(indices)" if shared else f"nonzeros x {value_bits} bits"
-    mib = 2 ** 20
-    print(f"On disk: dense checkpoint {dense_bytes / mib:.2f} MiB -> {Path(path).name} "
-          f"{export_bytes / mib:.3f} MiB ({dense_bytes / export_bytes:.2f}x smaller, "
-          f"{'shared' if shared else dtype} values)\n"
-          f"Computed: sparse size {get_model_size(model, count_nonzero_only=True) / 8 / mib:.2f} MiB "
-          f"(nonzeros x 32 bits) | information bound {figures['bound_bytes'] / mib:.3f} MiB ({values} "
-          f"+ mask entropy); the export is {export_bytes / figures['bound_bytes']:.3f}x the bound")
+    print(size_line(f"On disk: {Path(path).name} ({'shared' if shared else dtype} values)", export_bytes, dense_bytes))
+    print(f"Information bound ({values} + mask entropy): {figures['bound_bytes'] / MiB:.3f} MiB; the export is "
+          f"{export_bytes / figures['bound_bytes']:.3f}x the bound")
     return figures
 
 

@@ -1,119 +1,114 @@
 """Finetune the pruned model with its masks held, and report the final results.
 
-    python finetune.py
+    python finetune.py                                         # checkpoints/pruned.pt, 10 epochs
     python finetune.py --epochs 5 --lr 0.02
+    python finetune.py --gradual --method global --target 0.95 # prune dense.pt while finetuning
 
 The masks are re-applied after every optimizer step, so neither momentum nor weight
-decay brings a pruned weight back. When prune.py ran with --gradual, the sparsity
-rises on its schedule during the first --ramp of the steps, then the masks freeze.
-The epoch with the best validation accuracy (among those at the final sparsity) is
-kept in checkpoints/finetuned.pt; plots/summary.png compares the three stages.
+decay brings a pruned weight back. With --gradual (until now a prune.py flag), pruning
+happens here: the sparsity of --checkpoint (dense.pt, or a finetuned.pt to prune further)
+rises along Zhu & Gupta's cubic schedule over the first --ramp of the steps, the masks
+recomputed every --prune-every steps, then they freeze. --method, --target and
+--sparsity choose the allocation as in prune.py. The epoch with the best validation
+accuracy (among those at the final sparsity) is kept in checkpoints/finetuned.pt;
+plots/summary.png compares the stages.
 """
 import math
 import time
+from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from checkpoint import ensure_writable, load_checkpoint, make_checkpoint, save_checkpoint
+from cli import cli, run_args
 from data import load_data_for
 from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
-from prune import FineGrainedPruner, GradualSchedule
-from train import FINETUNE, fit, get_args_parser, resumed_args
-from checkpoint import ensure_writable, load_checkpoint, make_checkpoint, save_checkpoint
-from cli import cli
 from plots import plot_summary
-from utils import evaluate, get_device, measure, MiB, set_seed
+from prune import (FineGrainedPruner, GradualSchedule, add_pruning_args, check_allocation_args, get_prunable_names,
+                   load_sparsity_json, prune_model, resolve_names, SPARSITY)
+from train import FINETUNE, RECIPE_FLAGS, Recipe, fit, get_args_parser, load_resume
+from utils import MiB, evaluate, get_device, measure, set_seed, size_line
+
+# What defines a finetuning run: --resume takes these flags from the saved state.
+FLAGS = (*RECIPE_FLAGS, "train_subset", "eval_views", "gradual", "method", "target", "sparsity", "exclude", "ramp",
+         "prune_every")
 
 
-def finetune_model(model, masks, schedule, loaders, args, keep_best, state_path=None, source=None,
-                   desc="finetune"):
-    """Finetune `model` for args.epochs with `masks` held, raised along the gradual
-    `schedule` record if there is one -> (pruner, history): the one finetuning path of
-    finetune.py and frontier.py. keep_best(pruner, history) runs after each epoch that
-    is the best so far by validation among those at the final sparsity."""
+def finetune_model(model, masks, schedule, loaders, recipe, state_path=None, resume=None, source=None, flags=None,
+                   desc="finetune", compile=False):
+    """Finetune `model` with `masks` held, raised along the gradual `schedule` record if
+    there is one, and leave it at its best epoch by validation among those at the final
+    sparsity -> (pruner, history, best epoch): the one finetuning path of finetune.py and
+    frontier.py."""
     steps_per_epoch = len(loaders["train"])
-    schedule = schedule and GradualSchedule(schedule, args.epochs * steps_per_epoch)
+    schedule = schedule and GradualSchedule(schedule, recipe.epochs * steps_per_epoch)
     pruner = FineGrainedPruner.from_masks(masks, loaders["train"].device, schedule)
     # Epochs that end before a gradual ramp does are not at the final sparsity: never "best".
-    first_final_epoch = math.ceil(schedule.ramp_steps / steps_per_epoch) if schedule else 1
+    best_from = math.ceil(schedule.ramp_steps / steps_per_epoch) if schedule else 1
+    set_seed(recipe.seed)
+    history, best = fit(model, loaders, recipe, pruner, state_path, resume, source, flags, desc, best_from=best_from,
+                        compile=compile)
+    model.load_state_dict(best["model"])
+    pruner.load_state_dict(best["after_step"], loaders["train"].device)
+    return pruner, history, best["epoch"]
 
-    def on_epoch(history):
-        final = history[first_final_epoch - 1:]
-        entry, best = history[-1], max((h["val_acc"] for h in final), default=float("nan"))
-        tqdm.write(f"{desc} epoch {entry['epoch']} Accuracy {entry['val_acc']:.2f}% / Best Accuracy: {best:.2f}%"
-                   f"  ({entry['seconds']:.0f} s)" + ("" if final else " (still pruning)"))
-        if final and not entry["val_acc"] < best:  # NaN (no val split) keeps the latest
-            keep_best(pruner, history)
 
-    set_seed(args.seed)
-    loaders["train"].seed = args.seed  # the run's shuffle and augmentation, also on shared loaders
-    history = fit(model, loaders, args, state_path, on_epoch=on_epoch, pruner=pruner, desc=desc, source=source)
-    return pruner, history
+def gradual_start(model, ckpt, args):
+    """--gradual: the masks to start from (a finetuned model's, held) and the schedule record."""
+    device = next(model.parameters()).device
+    held = {n: m.to(device) for n, m in ckpt.get("masks", {}).items()}
+    sparsity = load_sparsity_json(args.sparsity) if args.sparsity else SPARSITY
+    exclude = resolve_names(args.exclude, get_prunable_names(model))
+    pruner, _, schedule = prune_model(model, args.method, args.target, sparsity, exclude, held, True, args.ramp,
+                                      args.prune_every)
+    return pruner.state_dict(), schedule
 
 
 def main(args):
-    ckpt_dir = ensure_writable(args.checkpoint_dir, ("finetuned.pt", "finetuned.best.pt", "finetuned.resume.pt",
-                                                     "finetuned.sparse.pt"))
+    ckpt_dir = ensure_writable(args.checkpoint_dir, ("finetuned.pt", "finetuned.resume.pt", "finetuned.sparse.pt"))
     plot_dir = ensure_writable(args.plot_dir, ("summary.png",))
-    # The best epoch so far waits in finetuned.best.pt: finetuned.pt is written once, complete.
-    state_path, best_path = ckpt_dir / "finetuned.resume.pt", ckpt_dir / "finetuned.best.pt"
-    args = resumed_args(args, state_path)
-    source = args.checkpoint or ckpt_dir / "pruned.pt"
-    ckpt = load_checkpoint(source, stages=("pruned",))
-    device = get_device(args.device)
-    loaders = load_data_for(ckpt, args, device, train=True)
+    state_path = ckpt_dir / "finetuned.resume.pt"
+    args, state = load_resume(args, state_path, FLAGS)
+    check_allocation_args(args, "finetune.py --gradual" if args.gradual else None)
+    recipe = Recipe.from_args(args)
+    source = Path(args.checkpoint or ckpt_dir / ("dense.pt" if args.gradual else "pruned.pt"))
+    ckpt = load_checkpoint(source, stages=("dense", "finetuned") if args.gradual else ("pruned",))
+    device = get_device(args.device, args.cudnn_benchmark)
+    loaders = load_data_for(ckpt, args.data_dir, device, args.eval_views, recipe, args.train_subset)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
-    pruned, dense = ckpt["metrics"], ckpt["metrics"]["dense"]
-    schedule = ckpt.get("schedule")  # prune.py --gradual: the sparsity rises during finetuning
-
-    def finetuned_checkpoint(metrics, history, pruner):
-        return make_checkpoint("finetuned", model, metrics, args, source=ckpt, history=history,
-                               masks=pruner.state_dict(), sparsity=pruner.sparsity, schedule=schedule)
-
-    def keep_best(pruner, history):
-        # test_acc is measured once, on the best epoch, when the run ends
-        save_checkpoint(finetuned_checkpoint({"val_acc": history[-1]["val_acc"], "test_acc": float("nan"),
-                                              **measure(model), "best_epoch": history[-1]["epoch"]},
-                                             history, pruner), best_path)
+    masks, schedule = gradual_start(model, ckpt, args) if args.gradual else (ckpt["masks"], None)
 
     t0 = time.perf_counter()
-    pruner, history = finetune_model(model, ckpt["masks"], schedule, loaders, args, keep_best,
-                                     state_path, source)
-    best = load_checkpoint(best_path, stages=("finetuned",))
-    model.load_state_dict(best["model"])
-    pruner.load_state_dict(best["masks"], device)
-    best_epoch = best["metrics"]["best_epoch"]
+    pruner, history, best_epoch = finetune_model(model, masks, schedule, loaders, recipe, state_path, state, source,
+                                                 run_args(args), compile=args.compile)
+    carry = {"checkpoint_bytes": source.stat().st_size} if ckpt["stage"] == "dense" else {}
+    dense = {**ckpt["metrics"], **carry} if ckpt["stage"] == "dense" else ckpt["metrics"]["dense"]
+    before = ckpt["metrics"] if ckpt["stage"] == "finetuned" else ckpt["metrics"].get("finetuned", {})
     metrics = {"val_acc": history[best_epoch - 1]["val_acc"], "test_acc": evaluate(model, loaders["test"]),
                **measure(model), "best_epoch": best_epoch,
                "train_seconds": sum(h["seconds"] for h in history), "wall_seconds": time.perf_counter() - t0,
                # in all since the dense model: an iterative chain adds up its rounds
-               "finetune_epochs": args.epochs + ckpt["metrics"].get("finetuned", {}).get("finetune_epochs", 0)}
+               "finetune_epochs": recipe.epochs + before.get("finetune_epochs", 0)}
     export_path = ckpt_dir / "finetuned.sparse.pt"
     metrics.update(export_with_report(model, pruner.masks, ckpt["config"], export_path,
                                       dense["checkpoint_bytes"], args.export_dtype))
     if args.export_dtype != "float32":
         metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], metrics["test_acc"])
-    out = finetuned_checkpoint(metrics, history, pruner)
+    out = make_checkpoint("finetuned", model, metrics, args, source=ckpt, carry=carry, history=history,
+                          masks=pruner.state_dict(), sparsity=pruner.sparsity, schedule=schedule)
     path = save_checkpoint(out, ckpt_dir / "finetuned.pt")
-    best_path.unlink()
     state_path.unlink(missing_ok=True)
 
-    dense_mib, sparse_mib = dense["size_bits"] / MiB, metrics["size_bits"] / MiB
-    print(f"\nOriginal model size: {dense_mib:.2f} MiB | test accuracy {dense['test_acc']:.2f}%")
-    print(f"Sparse model size: {sparse_mib:.2f} MiB = {100 * sparse_mib / dense_mib:.2f}% of the original "
-          f"({dense_mib / sparse_mib:.2f}x smaller)")
-    before = "pruned during finetuning" if schedule else f"{pruned['test_acc']:.2f}% before finetuning"
-    print(f"Sparse model test accuracy: {before}, {metrics['test_acc']:.2f}% after "
-          f"(best epoch {best_epoch} by validation)")
+    print(size_line("\nSparse model size (nonzeros x 32 bits):", metrics["size_bits"] / 8, dense["size_bits"] / 8))
+    pruned = "pruned during finetuning" if schedule else f"{ckpt['metrics']['test_acc']:.2f}% before finetuning"
+    print(f"Sparse model test accuracy: {pruned}, {metrics['test_acc']:.2f}% after (best epoch {best_epoch} by "
+          f"validation); dense {dense['test_acc']:.2f}%")
     print(f"Overall sparsity of the prunable weights: {metrics['sparsity']:.2%} | MACs per image: "
           f"{dense['macs'] / 1e6:,.1f} M dense, {metrics['macs'] / 1e6:,.1f} M on nonzero weights")
-    stages = {"dense": {"size_mib": dense_mib, "test_acc": dense["test_acc"]},
-              "pruned": {"size_mib": pruned["size_bits"] / MiB, "test_acc": pruned["test_acc"]},
-              "finetuned": {"size_mib": sparse_mib, "test_acc": metrics["test_acc"]}}
-    if schedule:  # no one-shot pruned model to show
-        del stages["pruned"]
-    plot = plot_summary(stages, plot_dir / "summary.png")
+    stages = {"dense": dense, ckpt["stage"]: ckpt["metrics"], "finetuned": metrics}
+    plot = plot_summary({name: {"size_mib": m["size_bits"] / 8 / MiB, "test_acc": m["test_acc"]}
+                         for name, m in stages.items()}, plot_dir / "summary.png")
     print(f"saved {path}, {export_path} and {plot}")
     return out["metrics"]
 
@@ -121,9 +116,13 @@ def main(args):
 def get_finetune_args_parser():
     parser = get_args_parser(__doc__, plots=True)
     parser.set_defaults(**FINETUNE)
+    add = parser.add_argument
+    add("--checkpoint", default=None,
+        help="model to finetune (default: <checkpoint-dir>/pruned.pt; with --gradual, <checkpoint-dir>/dense.pt)")
+    add("--gradual", action="store_true",
+        help="prune gradually during finetuning (cubic schedule), from a dense or finetuned --checkpoint")
+    add_pruning_args(parser, choose=True, schedule=True)
     add_export_args(parser)
-    parser.add_argument("--checkpoint", default=None,
-                        help="pruned model to finetune (default: <checkpoint-dir>/pruned.pt)")
     return parser
 
 

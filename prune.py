@@ -3,7 +3,7 @@
     python prune.py                                            # the seed's per-layer dict
     python prune.py --sparsity checkpoints/sparsity_suggested.json
     python prune.py --method global --target 0.9               # one threshold for all layers
-    python prune.py --method global --target 0.95 --gradual    # prune while finetune.py trains
+    python finetune.py --gradual --method global --target 0.95 # prune while finetuning (moved there)
 
 How the sparsity is spread over the prunable tensors (--method):
   dict     a per-layer dict: the original run's (SPARSITY in prune.py, 60% to 90% per
@@ -13,12 +13,12 @@ How the sparsity is spread over the prunable tensors (--method):
   global   one magnitude threshold over those tensors, removing round(target * total)
            weights in all (torch.nn.utils.prune.global_unstructured's rule);
   random   uniform's sparsities, but random masks (--seed): the control.
-One-shot pruning happens here. With --gradual, finetune.py raises the sparsity along
-Zhu & Gupta's cubic schedule instead, recomputing the masks every few steps.
+One-shot pruning happens here, and pruned.pt always holds the pruned model. Gradual
+pruning (Zhu & Gupta's cubic schedule) happens while finetuning: finetune.py --gradual.
 Iterative pruning (Han et al. 2015): prune a finetuned model further, then finetune again;
 its pruned weights stay pruned:
     python prune.py --checkpoint checkpoints/finetuned.pt --method global --target 0.98
-Writes checkpoints/pruned.pt, plots/weights.png and, when it prunes now, pruned.sparse.pt.
+Writes checkpoints/pruned.pt, pruned.sparse.pt and plots/weights.png.
 """
 import argparse
 from pathlib import Path
@@ -31,7 +31,7 @@ from model import build_model_from_checkpoint
 from checkpoint import ensure_writable, load_checkpoint, make_checkpoint, read_json, save_checkpoint
 from cli import add_common_args, cli, fraction, fraction_in, is_fraction, positive_int, seed_int
 from plots import plot_weights
-from utils import evaluate, format_table, get_device, get_model_size, get_sparsity, measure, MiB, plural, UserError
+from utils import UserError, evaluate, format_table, get_device, get_sparsity, measure, size_line
 
 # The original run's per-layer sparsities (fraction of weights set to zero).
 SPARSITY = {
@@ -320,26 +320,42 @@ def layer_table(model, sparsity_dict):
     return format_table(rows, ["layer", "shape", "params", "target", "sparsity", "nonzeros"])
 
 
-def size_report(model, dense_bits):
-    """The seed's two size lines, from get_model_size counting nonzero weights."""
-    sparse_bits = get_model_size(model, count_nonzero_only=True)
-    return (f"Original model size: {dense_bits / MiB:.2f} MiB\n"
-            f"Sparse model size: {sparse_bits / MiB:.2f} MiB ({dense_bits / sparse_bits:.2f}x smaller)")
-
-
-def add_pruning_args(parser):
-    """How to prune: the flags prune.py and frontier.py share."""
+def add_pruning_args(parser, choose=True, schedule=False):
+    """How to prune: with `choose`, the allocation (prune.py, finetune.py --gradual); the
+    tensors kept dense; with `schedule`, gradual pruning's (finetune.py, frontier.py)."""
     add = parser.add_argument
+    if choose:
+        add("--method", default="dict", choices=METHODS,
+            help="how the sparsity is spread over the layers, see prune.py --help (default: %(default)s)")
+        add("--sparsity", default=None, metavar="FILE.json",
+            help="dict method: JSON {layer name: sparsity} in place of the original run's dict, e.g. "
+                 "checkpoints/sparsity_suggested.json (default: SPARSITY in prune.py)")
+        add("--target", type=fraction, default=None, metavar="FRACTION",
+            help="uniform, global and random methods: the sparsity to reach, e.g. 0.9 (default: none)")
     add("--exclude", default=",".join(EXCLUDE),
         help="tensors that uniform and global pruning keep dense, comma-separated, full or short "
              "names such as conv0 (default: %(default)s)")
-    add("--ramp", type=fraction_in(True, False), default=0.5,
-        help="gradual pruning: the fraction of the finetuning steps over which the sparsity "
-             "rises; the masks are frozen after it (default: %(default)s)")
-    add("--prune-every", type=positive_int, default=10, metavar="STEPS",
-        help="gradual pruning: recompute the masks every this many optimizer steps "
-             "(default: %(default)s)")
+    if schedule:
+        add("--ramp", type=fraction_in(True, False), default=0.5,
+            help="gradual pruning: the fraction of the finetuning steps over which the sparsity "
+                 "rises; the masks are frozen after it (default: %(default)s)")
+        add("--prune-every", type=positive_int, default=10, metavar="STEPS",
+            help="gradual pruning: recompute the masks every this many optimizer steps (default: %(default)s)")
     return parser
+
+
+def check_allocation_args(args, where="prune.py"):
+    """The allocation flags fit together; `where` None: no pruning happens, so none is given."""
+    if where is None:
+        if args.method != "dict" or args.sparsity or args.target is not None:
+            raise UserError("--method, --target and --sparsity choose how to prune: with finetune.py they go "
+                            "with --gradual (or prune first with prune.py)")
+        return
+    if args.method != "dict" and args.sparsity:
+        raise UserError(f"--sparsity is a dict for --method dict; --method {args.method} takes --target")
+    if args.method == "dict" and args.target is not None:
+        raise UserError("--target is for --method uniform, global or random; for a dict that reaches a "
+                        "target, run `python sensitivity.py --target-sparsity FRACTION`")
 
 
 def get_args_parser():
@@ -348,40 +364,30 @@ def get_args_parser():
     add_common_args(parser, plots=True)
     add = parser.add_argument
     add("--checkpoint", default=None, help="model to prune (default: <checkpoint-dir>/dense.pt)")
-    add("--method", default="dict", choices=METHODS,
-        help="how the sparsity is spread over the layers, see above (default: %(default)s)")
-    add("--sparsity", default=None, metavar="FILE.json",
-        help="dict method: JSON {layer name: sparsity} in place of the original run's dict, e.g. "
-             "checkpoints/sparsity_suggested.json (default: SPARSITY in prune.py)")
-    add("--target", type=fraction, default=None, metavar="FRACTION",
-        help="uniform and global methods: the sparsity to reach, e.g. 0.9 (default: none)")
     add("--seed", type=seed_int, default=0, help="random method: seed of the masks (default: %(default)s)")
-    add("--gradual", action="store_true",
-        help="prune gradually during finetune.py (cubic schedule) instead of all at once now")
+    add("--gradual", action="store_true", help="moved: gradual pruning happens in finetune.py --gradual")
     add_pruning_args(parser)
     add_export_args(parser)
     return parser
 
 
 def main(args):
+    if args.gradual:
+        raise UserError("gradual pruning happens while finetuning: run `python finetune.py --gradual` with the same "
+                        "--method, --target or --sparsity (and --checkpoint, --ramp, --prune-every)")
+    check_allocation_args(args)
     ckpt_dir = ensure_writable(args.checkpoint_dir, ("pruned.pt", "pruned.sparse.pt"))
     plot_dir = ensure_writable(args.plot_dir, ("weights.png",))
-    if args.method != "dict" and args.sparsity:
-        raise UserError(f"--sparsity is a dict for --method dict; --method {args.method} takes --target")
-    if args.method == "dict" and args.target is not None:
-        raise UserError("--target is for --method uniform, global or random; for a dict that reaches a "
-                        "target, run `python sensitivity.py --target-sparsity FRACTION`")
     source = Path(args.checkpoint or ckpt_dir / "dense.pt")
     ckpt = load_checkpoint(source, stages=("dense", "finetuned"))
-    check_views(ckpt, args.eval_views)  # --gradual evaluates nothing but carries the source's accuracies
+    check_views(ckpt, args.eval_views)  # now, before the pruning work
     device = get_device(args.device)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     exclude = resolve_names(args.exclude, get_prunable_names(model))
     sparsity = load_sparsity_json(args.sparsity) if args.sparsity else SPARSITY
     # Pruning a finetuned model again (iterative pruning) holds its masks: they only shrink.
     held = {n: m.to(device) for n, m in ckpt.get("masks", {}).items()}
-    pruner, plan, schedule = prune_model(model, args.method, args.target, sparsity, exclude, held, args.gradual,
-                                         args.ramp, args.prune_every, args.seed)
+    pruner, plan, _ = prune_model(model, args.method, args.target, sparsity, exclude, held, seed=args.seed)
     carry = {"checkpoint_bytes": source.stat().st_size} if ckpt["stage"] == "dense" else {}
     dense = {**ckpt["metrics"], **carry} if ckpt["stage"] == "dense" else ckpt["metrics"]["dense"]
     kept_dense = [n for n in get_prunable_names(model) if n not in plan and n not in held]
@@ -389,30 +395,22 @@ def main(args):
         print(f"kept dense: {', '.join(kept_dense)}")
 
     print(layer_table(model, {**pruner.sparsity, **plan}))  # held layers show their sparsity too
-    print(size_report(model, dense["size_bits"]))
-    metrics = {**measure(model), "method": args.method, "target": args.target, "gradual": args.gradual}
+    metrics = {**measure(model), "method": args.method, "target": args.target}
+    print(size_line("Sparse model size (nonzeros x 32 bits):", metrics["size_bits"] / 8, dense["size_bits"] / 8))
     print(f"MACs per image: dense {dense['macs'] / 1e6:,.1f} M, on nonzero weights "
           f"{metrics['macs'] / 1e6:,.1f} M ({dense['macs'] / metrics['macs']:.2f}x fewer)")
-    if schedule:
-        what = f"global {args.target}" if args.method == "global" else "the targets above"
-        print(f"gradual: finetune.py will raise the sparsity to {what} over the first "
-              f"{args.ramp:.0%} of its steps, recomputing the masks every {plural(args.prune_every, 'step')}")
-        # The model saved is the source's, unchanged until finetune.py prunes it.
-        metrics.update(val_acc=ckpt["metrics"]["val_acc"], test_acc=ckpt["metrics"]["test_acc"])
-        (ckpt_dir / "pruned.sparse.pt").unlink(missing_ok=True)  # an earlier run's, not this model's
-    else:
-        loaders = load_data_for(ckpt, args, device)
-        metrics.update(val_acc=evaluate(model, loaders["val"]), test_acc=evaluate(model, loaders["test"]))
-        print(f"before finetuning: val {metrics['val_acc']:.2f}% | test {metrics['test_acc']:.2f}% "
-              f"(dense: val {dense['val_acc']:.2f}% | test {dense['test_acc']:.2f}%)")
-        export_path = ckpt_dir / "pruned.sparse.pt"
-        metrics.update(export_with_report(model, pruner.masks, ckpt["config"], export_path,
-                                          dense["checkpoint_bytes"], args.export_dtype))
-        if args.export_dtype != "float32":
-            metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], metrics["test_acc"])
+    loaders = load_data_for(ckpt, args.data_dir, device, args.eval_views)
+    metrics.update(val_acc=evaluate(model, loaders["val"]), test_acc=evaluate(model, loaders["test"]))
+    print(f"before finetuning: val {metrics['val_acc']:.2f}% | test {metrics['test_acc']:.2f}% "
+          f"(dense: val {dense['val_acc']:.2f}% | test {dense['test_acc']:.2f}%)")
+    export_path = ckpt_dir / "pruned.sparse.pt"
+    metrics.update(export_with_report(model, pruner.masks, ckpt["config"], export_path,
+                                      dense["checkpoint_bytes"], args.export_dtype))
+    if args.export_dtype != "float32":
+        metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], metrics["test_acc"])
     plot = plot_weights(model, plot_dir / "weights.png")
     out = make_checkpoint("pruned", model, metrics, args, source=ckpt, carry=carry, masks=pruner.state_dict(),
-                          sparsity=plan, schedule=schedule)
+                          sparsity=plan)
     path = save_checkpoint(out, ckpt_dir / "pruned.pt")
     print(f"overall sparsity of the prunable weights {metrics['sparsity']:.2%} | saved {path} and {plot}")
     return out["metrics"]

@@ -24,10 +24,10 @@ from data import load_data_for
 from export import export_with_report
 from model import build_model_from_checkpoint
 from prune import SPARSITY, get_prunable_names
-from train import RUN_FLAGS, fit, get_args_parser, resumed_args
+from train import RECIPE_FLAGS, Recipe, fit, get_args_parser, load_resume
 from checkpoint import ensure_writable, load_checkpoint, make_checkpoint, save_checkpoint
-from cli import cli, int_in
-from utils import evaluate, get_device, measure, MiB, plural, set_seed, UserError
+from cli import cli, int_in, run_args
+from utils import UserError, evaluate, get_device, measure, plural, set_seed, size_line
 
 # Bits per shared value, layer by layer: at most 2**bits distinct nonzero weights.
 BITS = {name: 4 for name in SPARSITY}
@@ -187,10 +187,10 @@ def round_rest(model, names, dtype=torch.float16):
             t.copy_(torch.where(rounded.isfinite(), rounded, t))
 
 
-def quantize_model(model, bits, init, loaders, args, state_path=None, source=None, desc="codebook",
-                   measure_shared=True):
-    """k-means weight sharing of `model` in place, then args.epochs of codebook training,
-    then the other tensors rounded to args.rest_dtype -> (masks {name: bool}, history,
+def quantize_model(model, bits, init, loaders, recipe, rest_dtype="float16", state_path=None, resume=None,
+                   source=None, flags=None, desc="codebook", measure_shared=True):
+    """k-means weight sharing of `model` in place, then recipe.epochs of codebook training,
+    then the other tensors rounded to `rest_dtype` -> (masks {name: bool}, history,
     figures): the one quantizing path of quantize.py and frontier.py. figures: the final
     model's val_acc and, with measure_shared, shared_val_acc and shared_test_acc right
     after the k-means step."""
@@ -200,21 +200,14 @@ def quantize_model(model, bits, init, loaders, args, state_path=None, source=Non
         figures = {"shared_val_acc": evaluate(model, loaders["val"]), "shared_test_acc": evaluate(model, loaders["test"])}
         tqdm.write(f"{desc}: k-means weight sharing ({min(bits.values())} to {max(bits.values())} bits): val "
                    f"{figures['shared_val_acc']:.2f}% | test {figures['shared_test_acc']:.2f}%; now training the "
-                   f"codebooks for {plural(args.epochs, 'epoch')}")
-
-    def report(history):
-        entry = history[-1]
-        tqdm.write(f"{desc} epoch {entry['epoch']} | loss {entry['train_loss']:.4f} | val {entry['val_acc']:.2f}% "
-                   f"({entry['seconds']:.0f} s)")
-
-    set_seed(args.seed)
-    loaders["train"].seed = args.seed  # the run's shuffle and augmentation, also on shared loaders
-    history = fit(model, loaders, args, state_path, on_epoch=report, pruner=quantizer, desc=desc, source=source)
+                   f"codebooks for {plural(recipe.epochs, 'epoch')}")
+    set_seed(recipe.seed)
+    history, _ = fit(model, loaders, recipe, quantizer, state_path, resume, source, flags, desc)
     figures["val_acc"] = history[-1]["val_acc"]
-    if args.rest_dtype != "float32":
-        round_rest(model, bits, getattr(torch, args.rest_dtype))
+    if rest_dtype != "float32":
+        round_rest(model, bits, getattr(torch, rest_dtype))
         figures["val_acc"] = evaluate(model, loaders["val"])  # the last epoch's was before the rounding
-        tqdm.write(f"{desc}: the tensors with no codebook rounded to {args.rest_dtype}: val "
+        tqdm.write(f"{desc}: the tensors with no codebook rounded to {rest_dtype}: val "
                    f"{history[-1]['val_acc']:.2f}% -> {figures['val_acc']:.2f}%")
     return {name: c.labels >= 0 for name, c in quantizer.codebooks.items()}, history, figures
 
@@ -239,21 +232,21 @@ def get_quantize_args_parser():
 def main(args):
     ckpt_dir = ensure_writable(args.checkpoint_dir, ("quantized.pt", "quantized.resume.pt", "quantized.sparse.pt"))
     state_path = ckpt_dir / "quantized.resume.pt"
-    args = resumed_args(args, state_path, flags=(*RUN_FLAGS, "bits", "init", "rest_dtype"))
+    args, state = load_resume(args, state_path, (*RECIPE_FLAGS, "train_subset", "eval_views", "bits", "init",
+                                                 "rest_dtype"))
+    recipe = Recipe.from_args(args)
     source = args.checkpoint or ckpt_dir / "finetuned.pt"
     ckpt = load_checkpoint(source, stages=("finetuned", "pruned"))
-    if ckpt["stage"] == "pruned" and ckpt.get("schedule"):
-        raise UserError(f"{source} was pruned with --gradual, so its masks are applied only while "
-                        "finetuning: run `python finetune.py` first and quantize its finetuned.pt")
-    device = get_device(args.device)
+    device = get_device(args.device, args.cudnn_benchmark)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     names = get_prunable_names(model)
     bits = {name: args.bits for name in names} if args.bits is not None else BITS
     check_bits(bits, names)
-    loaders = load_data_for(ckpt, args, device, train=True)
+    loaders = load_data_for(ckpt, args.data_dir, device, args.eval_views, recipe, args.train_subset)
     before, dense = ckpt["metrics"], ckpt["metrics"]["dense"]
 
-    masks, history, figures = quantize_model(model, bits, args.init, loaders, args, state_path, source)
+    masks, history, figures = quantize_model(model, bits, args.init, loaders, recipe, args.rest_dtype, state_path,
+                                             state, source, run_args(args))
     export_path = ckpt_dir / "quantized.sparse.pt"
     metrics = {**figures, "test_acc": evaluate(model, loaders["test"]), **measure(model),
                "size_bits": quantized_size(model, bits),
@@ -263,12 +256,8 @@ def main(args):
                           masks={k: v.cpu() for k, v in masks.items()}, sparsity=ckpt["sparsity"], bits=bits)
     path = save_checkpoint(out, ckpt_dir / "quantized.pt")
     state_path.unlink(missing_ok=True)
-    mib = 2 ** 20
-    print(f"\nOriginal model size: {dense['size_bits'] / MiB:.2f} MiB | test accuracy {dense['test_acc']:.2f}%")
-    print(f"Quantized model size: {metrics['size_bits'] / MiB:.3f} MiB (nonzeros x bits + codebooks + the rest) = "
-          f"{dense['size_bits'] / metrics['size_bits']:.1f}x smaller")
-    print(f"On disk: dense.pt {dense['checkpoint_bytes'] / mib:.2f} MiB -> {export_path.name} "
-          f"{metrics['export_bytes'] / mib:.3f} MiB ({dense['checkpoint_bytes'] / metrics['export_bytes']:.1f}x)")
+    print(size_line("\nQuantized model size (nonzeros x bits + codebooks + the rest):", metrics["size_bits"] / 8,
+                    dense["size_bits"] / 8))
     print(f"Test accuracy: dense {dense['test_acc']:.2f}% | {ckpt['stage']} {before['test_acc']:.2f}% | "
           f"shared {metrics['shared_test_acc']:.2f}% | codebook trained {metrics['test_acc']:.2f}% "
           f"(val {metrics['val_acc']:.2f}%) | saved {path}")

@@ -16,13 +16,13 @@ import sys
 
 import torch
 
+from checkpoint import ensure_writable, file_sha256, load_checkpoint, read_json, write_json
+from cli import add_common_args, cli, fraction_in, fraction_list, is_fraction, is_number, nonnegative_float, positive_int
 from data import Loader, load_data_for
 from model import build_model_from_checkpoint
-from prune import fine_grained_prune, get_prunable_names
-from checkpoint import ensure_writable, file_sha256, load_checkpoint, write_json
-from cli import add_common_args, cli, fraction_in, fraction_list, nonnegative_float, positive_int
 from plots import plot_parameters, plot_sensitivity, short_name
-from utils import autocast, evaluate, format_table, get_device, get_model_size, MiB, progress, tta_views
+from prune import fine_grained_prune, get_prunable_names
+from utils import UserError, autocast, evaluate, format_table, get_device, get_model_size, progress, size_line, tta_views
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)  # the scripts' and the Makefile's
 
@@ -153,7 +153,7 @@ def main(args):
     sha256 = file_sha256(source)  # now: the scan takes minutes, the file may change meanwhile
     device = get_device(args.device)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
-    loaders = load_data_for(ckpt, args, device)
+    loaders = load_data_for(ckpt, args.data_dir, device, args.eval_views)
     split = "val"
     if len(loaders["val"].images) == 0:
         print("warning: the checkpoint was trained with --val-size 0, so there is no validation "
@@ -196,10 +196,40 @@ def main(args):
           f"{overall_sparsity(suggestion, num_parameters):.1%} of the prunable weights); paste it "
           f"into prune.py or pass --sparsity {ckpt_dir / 'sparsity_suggested.json'}:")
     print("SPARSITY = {\n" + "".join(f"    {n!r}: {s},\n" for n, s in suggestion.items()) + "}")
-    print(f"It would give {sparse_bits / MiB:.2f} MiB from {dense_bits / MiB:.2f} MiB "
-          f"({dense_bits / sparse_bits:.2f}x smaller) | plots: {', '.join(map(str, plots))}")
+    print(size_line("It would give a sparse model (nonzeros x 32 bits) of", sparse_bits / 8, dense_bits / 8))
+    print(f"plots: {', '.join(map(str, plots))}")
     return {"dense_acc": dense_acc, "suggestion": suggestion, "size_bits": sparse_bits}
 
 
 if __name__ == "__main__":
     cli(main, get_args_parser())
+
+
+def scan_plan(scan, target, model):
+    """The scan's suggestion that removes at least `target` of the prunable weights, or
+    None when even the highest scanned sparsities fall short."""
+    params = dict(model.named_parameters())
+    num_parameters = {n: params[n].numel() for n in scan["accuracy"]}
+    drop = drop_for_target(scan["dense_acc"], scan["sparsities"], scan["accuracy"], num_parameters, target)
+    return None if drop is None else suggest_sparsity(scan["dense_acc"], scan["sparsities"], scan["accuracy"], drop)
+
+
+def load_scan(path, model, dense_sha256):
+    """sensitivity.json of this very dense checkpoint -> dict."""
+    fix = "run `python sensitivity.py` on this checkpoint first, or leave the scan methods out"
+    scan = read_json(path, "the sensitivity scan that --methods scan needs", fix)
+    params = dict(model.named_parameters())
+    try:
+        values = [scan["dense_acc"], *scan["sparsities"], *(a for accs in scan["accuracy"].values() for a in accs)]
+        wrong = any(n not in params or params[n].numel() != k for n, k in scan["num_parameters"].items())
+        wrong = wrong or any(len(a) != len(scan["sparsities"]) for a in scan["accuracy"].values())
+        if (not scan["accuracy"] or set(scan["accuracy"]) != set(scan["num_parameters"])
+                or not all(map(is_number, values)) or not all(map(is_fraction, scan["sparsities"]))):
+            raise ValueError
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise UserError(f"{path} is not a scan written by sensitivity.py: {fix}") from None
+    if "checkpoint_sha256" not in scan:
+        raise UserError(f"{path} was written by an older version of sensitivity.py: {fix}")
+    if wrong or scan["checkpoint_sha256"] != dense_sha256:
+        raise UserError(f"{path} was scanned on another model than this dense checkpoint: {fix}")
+    return scan

@@ -12,7 +12,9 @@ channels_last and bf16 autocast. --low-res-epochs trades accuracy for time.
 A resumable state is saved after every epoch; continue an interrupted run with --resume.
 """
 import argparse
+import copy
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -28,12 +30,36 @@ from cli import (add_common_args, cli, fraction, fraction_in, int_in, nonnegativ
 from utils import (autocast, evaluate, get_device, Interrupted, measure, model_summary, progress, set_seed,
                    tta_label, UserError)
 
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a training run needs, built once from the flags of the same names (train.py
+    --help says what each does); frontier.py makes its runs' recipes with dataclasses.replace."""
+    epochs: int = 50
+    lr: float = 0.05  # the peak, after a linear warm-up; then linear decay to 0
+    batch_size: int = 128
+    momentum: float = 0.9  # Nesterov
+    weight_decay: float = 5e-4  # conv and linear weights only
+    bias_lr_scale: float = 16.0  # biases learn at this times lr
+    label_smoothing: float = 0.2
+    warmup: float = 0.2  # fraction of the steps
+    translate: int = 2  # random translation, pixels
+    low_res_epochs: int = 0  # the first epochs on images of low_res pixels
+    low_res: int = 24
+    seed: int = 0  # shuffle and augmentation (and, in train.py, the initial weights and the split)
+
+    @classmethod
+    def from_args(cls, args, **given):
+        """The recipe of the parsed flags; `given` fields in place of flags a script has not."""
+        return cls(**{name: getattr(args, name) for name in RECIPE_FLAGS if name not in given}, **given)
+
+
+RECIPE_FLAGS = tuple(f.name for f in fields(Recipe))
 # The finetuning recipe that finetune.py and frontier.py share: a few epochs at full size.
 FINETUNE = {"epochs": 10, "lr": 0.05, "batch_size": 256, "low_res_epochs": 0}
-# Flags that define a run: a resumed run takes them from the saved state.
-RUN_FLAGS = ("seed", "epochs", "batch_size", "lr", "bias_lr_scale", "momentum", "weight_decay",
-             "label_smoothing", "warmup", "translate", "low_res_epochs", "low_res", "width",
-             "train_subset", "val_size", "whiten", "dirac", "eval_views")
+# What defines a dense run: a resumed run takes these flags from its saved state.
+RUN_FLAGS = (*RECIPE_FLAGS, "width", "train_subset", "val_size", "whiten", "dirac", "eval_views")
 
 
 def get_args_parser(description=__doc__, epochs=50, lr=0.05, plots=False, resume=True, seed=True):
@@ -148,24 +174,24 @@ def build_scheduler(optimizer, total_steps, warmup):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, label_smoothing=0.0, pruner=None, desc="train",
-                    forward=None):
-    """One pass over `loader`; returns the mean training loss. `forward` computes the
-    logits (default: model itself; fit passes a compiled model with --compile). With a pruner, its
-    apply(model, step) runs after every optimizer step: masks are re-applied, so pruned
-    weights stay zero (a gradual pruner recomputes them when the step is due; a
-    quantizer re-centres its codebooks)."""
+def train_one_epoch(model, loader, optimizer, scheduler, label_smoothing=0.0, after_step=None, desc="train",
+                    forward=None, epoch=0, seed=0):
+    """One pass over loader.batches(epoch, seed) -> the mean training loss. `forward` computes
+    the logits (default: model itself; fit passes a compiled model with --compile).
+    after_step.apply(model, step) runs after every optimizer step: a pruner re-applies its
+    masks, so pruned weights stay zero (a gradual one recomputes them when due); a quantizer
+    re-centres its codebooks."""
     model.train()
     total_loss = torch.zeros((), device=loader.device)  # summed on the device: no sync per step
-    for x, y in progress(loader, desc=desc, leave=False):
+    for x, y in progress(loader.batches(epoch, seed), desc=desc, total=len(loader), leave=False):
         with autocast(loader.device):
             loss = F.cross_entropy((model if forward is None else forward)(x), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if pruner is not None:
-            pruner.apply(model, step=scheduler.last_epoch)
+        if after_step is not None:
+            after_step.apply(model, step=scheduler.last_epoch)
         total_loss += loss.detach()
     return total_loss.item() / max(1, len(loader))
 
@@ -183,97 +209,114 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fit(model, loaders, args, state_path, on_epoch=None, pruner=None, desc="epoch", val_every=1, source=None):
-    """Train for args.epochs with a per-epoch resumable state at `state_path`.
+def fit(model, loaders, recipe, after_step=None, state_path=None, resume=None, source=None, flags=None,
+        desc="epoch", val_every=1, best_from=None, compile=False):
+    """Train for recipe.epochs -> (history: a dict per epoch, best).
 
-    Returns the history (one dict per epoch). Validation runs every `val_every` epochs
-    and after the last (val_acc is NaN in between). `on_epoch(history)` runs after each
-    epoch, before the state is saved; finetune.py keeps its best model there. A
-    pruner (anything with apply(model, step), state_dict() and load_state_dict(state,
-    device): a FineGrainedPruner, a KMeansQuantizer) runs after every step, and its
-    state is saved with the run's.
-    With state_path None, no state is saved. `source`, the checkpoint the run started
-    from, is recorded in the state: a resume from another one is refused."""
+    Validation runs every `val_every` epochs and after the last (val_acc NaN in between).
+    `after_step` (a FineGrainedPruner or a KMeansQuantizer) runs after every optimizer step
+    (train_one_epoch). With best_from, best is the epoch from that one on with the highest
+    val_acc, kept in memory: {"epoch", "model", "after_step"} state dicts; else None.
+    After each epoch a resumable state goes to `state_path` (None: not saved); `resume`,
+    such a state read back, goes on from it. The state records the script's `flags` (for
+    load_resume) and `source`, the checkpoint the run started from: a resume from another
+    one is refused."""
     origin = None if source is None else file_sha256(source)
-    torch.backends.cudnn.benchmark = getattr(args, "cudnn_benchmark", True)
-    forward = torch.compile(model) if getattr(args, "compile", False) else None  # shares model's weights
+    forward = torch.compile(model) if compile else None  # shares model's weights
     model.train()
-    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay, args.bias_lr_scale)
-    scheduler = build_scheduler(optimizer, args.epochs * len(loaders["train"]), args.warmup)
-    history, start = [], 0
-    if getattr(args, "resume", False):  # frontier.py has no --resume: it resumes per point
-        state = load_checkpoint(state_path, stages=("resume",))
-        if state.get("source") != origin or state.get("loop") != desc:
-            raise UserError(f"{state_path} was saved by another script's run, or one from another checkpoint "
-                            f"than {source}: pass the --checkpoint it started from, or start again without --resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        if pruner is not None:  # a gradual pruner's masks, or a quantizer's codebooks, change
-            pruner.load_state_dict(state["pruner"], loaders["train"].device)
-        history, start = state["history"], state["epoch"]
-        print(f"resuming after epoch {start} of {args.epochs} from {state_path}")
-    epoch = start
+    optimizer = build_optimizer(model, recipe.lr, recipe.momentum, recipe.weight_decay, recipe.bias_lr_scale)
+    scheduler = build_scheduler(optimizer, recipe.epochs * len(loaders["train"]), recipe.warmup)
+    history, best = [], None
+    if resume is not None:
+        history, best = restore(resume, model, optimizer, scheduler, after_step, loaders["train"].device,
+                                (origin, desc, best_from is not None), source)
+        print(f"resuming after epoch {len(history)} of {recipe.epochs} from {state_path}")
+    epoch = len(history)
     try:
-        for epoch in range(start, args.epochs):
-            loaders["train"].set_epoch(epoch)
+        for epoch in range(len(history), recipe.epochs):
             t0 = time.perf_counter()
-            loss = train_one_epoch(model, loaders["train"], optimizer, scheduler, args.label_smoothing,
-                                   pruner, desc=f"{desc} {epoch + 1}/{args.epochs}", forward=forward)
+            loss = train_one_epoch(model, loaders["train"], optimizer, scheduler, recipe.label_smoothing, after_step,
+                                   f"{desc} {epoch + 1}/{recipe.epochs}", forward, epoch, recipe.seed)
             seconds = time.perf_counter() - t0
-            validate = (epoch + 1) % val_every == 0 or epoch + 1 == args.epochs
-            entry = {"epoch": epoch + 1, "train_loss": loss,
-                     "val_acc": evaluate(model, loaders["val"]) if validate else float("nan"),
-                     "seconds": seconds, "images_per_s": loaders["train"].num_samples / seconds,
-                     "lr": optimizer.param_groups[0]["lr"]}
-            history.append(entry)
-            if on_epoch is not None:
-                on_epoch(history)
+            validate = (epoch + 1) % val_every == 0 or epoch + 1 == recipe.epochs
+            history.append({"epoch": epoch + 1, "train_loss": loss,
+                            "val_acc": evaluate(model, loaders["val"]) if validate else float("nan"),
+                            "seconds": seconds, "images_per_s": loaders["train"].num_samples / seconds,
+                            "lr": optimizer.param_groups[0]["lr"]})
+            if best_from is not None and is_best(history, best_from):
+                best = {"epoch": epoch + 1, "model": copy.deepcopy(model.state_dict()),
+                        "after_step": copy.deepcopy(after_step and after_step.state_dict())}
+            tqdm.write(epoch_line(desc, recipe.epochs, history, best_from, best))
             if state_path is not None:
                 save_checkpoint({"stage": "resume", "model": model.state_dict(), "epoch": epoch + 1,
                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "rng": rng_state(), "history": history, "args": run_args(args),
-                                 "pruner": pruner and pruner.state_dict(), "source": origin, "loop": desc},
-                                state_path)
+                                 "rng": rng_state(), "history": history, "args": flags or {},
+                                 "pruner": after_step and after_step.state_dict(), "best": best, "source": origin,
+                                 "loop": desc}, state_path)
     except KeyboardInterrupt:
         if state_path is None:
             raise  # the caller knows what was saved
         where = (f"{state_path} (after epoch {epoch}); continue with the same command plus --resume"
                  if epoch > 0 else "none yet: no epoch finished")
         raise Interrupted(f"during epoch {epoch + 1}. Last good state: {where}") from None
-    return history
+    return history, best
 
 
-def resumed_args(args, state_path, flags=RUN_FLAGS):
-    """On --resume, the run's defining `flags` come from the saved state, not the command line."""
+def is_best(history, best_from):
+    """Whether the last epoch is the best so far among those from epoch best_from on (the
+    ones at the final sparsity); with no validation (NaN), the latest is."""
+    eligible = history[best_from - 1:]
+    return bool(eligible) and not history[-1]["val_acc"] < max(h["val_acc"] for h in eligible)
+
+
+def epoch_line(desc, epochs, history, best_from, best):
+    """One line per epoch: loss, validation accuracy, the best so far, time and speed."""
+    entry = history[-1]
+    line = f"{desc} {entry['epoch']}/{epochs} | loss {entry['train_loss']:.4f} | val " + (
+        "-" if entry["val_acc"] != entry["val_acc"] else f"{entry['val_acc']:.2f}%")
+    if best_from is not None:
+        line += " (still pruning)" if best is None else f" | best {history[best['epoch'] - 1]['val_acc']:.2f}%"
+    return line + f" | {entry['seconds']:.1f} s ({entry['images_per_s']:.0f} img/s)"
+
+
+def restore(state, model, optimizer, scheduler, after_step, device, expected, source):
+    """Load a resumable state saved by fit into the run's objects -> (history, best)."""
+    origin, desc, keeps_best = expected
+    if state.get("source") != origin or state.get("loop") != desc or (keeps_best and "best" not in state):
+        raise UserError(f"the saved state was written by another script's run, by one from another checkpoint than "
+                        f"{source}, or by an older version: pass the --checkpoint it started from, or start again "
+                        "without --resume")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    if after_step is not None:  # a gradual pruner's masks, or a quantizer's codebooks, change
+        after_step.load_state_dict(state["pruner"], device)
+    return state["history"], state.get("best")
+
+
+def load_resume(args, state_path, flags=RUN_FLAGS):
+    """--resume: the saved state at `state_path`, read once, and the flags with the run's
+    defining ones taken from it -> (args, state); without --resume, (args, None)."""
     if not args.resume:
-        return args
+        return args, None
     if not Path(state_path).is_file():
         what = "is not a file" if Path(state_path).exists() else "does not exist"
         raise UserError(f"--resume: the saved state {state_path} {what}; start the run without --resume")
-    saved = load_checkpoint(state_path, stages=("resume",))["args"]
-    for flag in flags:
-        if flag in saved:
-            setattr(args, flag, saved[flag])
-    return args
-
-
-def print_epoch(history):
-    entry = history[-1]
-    val = "-" if entry["val_acc"] != entry["val_acc"] else f"{entry['val_acc']:.2f}%"
-    tqdm.write(f"epoch {entry['epoch']:3d} | loss {entry['train_loss']:.4f} | val {val} | "
-               f"{entry['seconds']:.1f} s ({entry['images_per_s']:.0f} img/s)")
+    state = load_checkpoint(state_path, stages=("resume",))
+    saved = {flag: state["args"][flag] for flag in flags if flag in state["args"]}
+    return argparse.Namespace(**{**vars(args), **saved}), state
 
 
 def main(args):
     ckpt_dir = ensure_writable(args.checkpoint_dir, ("dense.pt", "dense.resume.pt"))
     state_path = ckpt_dir / "dense.resume.pt"
-    args = resumed_args(args, state_path)
-    device = get_device(args.device)
-    set_seed(args.seed)
-    datasets, split = get_datasets(args.data_dir, args.val_size, args.seed, args.train_subset)
-    loaders = make_loaders(datasets, args, device)
+    args, state = load_resume(args, state_path)
+    recipe = Recipe.from_args(args)
+    device = get_device(args.device, args.cudnn_benchmark)
+    set_seed(recipe.seed)
+    datasets, split = get_datasets(args.data_dir, args.val_size, recipe.seed, args.train_subset)
+    loaders = make_loaders(datasets, recipe, device, args.eval_views)
     model = build_model(args.width).to(device, memory_format=torch.channels_last)
     if args.whiten:
         whitening_init(model.backbone.conv0, loaders["train"])
@@ -284,7 +327,8 @@ def main(args):
           f"{len(datasets['test'][0]):,} test images on {device}")
 
     t0 = time.perf_counter()
-    history = fit(model, loaders, args, state_path, on_epoch=print_epoch, val_every=args.val_every)
+    history, _ = fit(model, loaders, recipe, state_path=state_path, resume=state, flags=run_args(args),
+                     val_every=args.val_every, compile=args.compile)
     test_acc = evaluate(model, loaders["test"])
     metrics = {"val_acc": history[-1]["val_acc"], "test_acc": test_acc, **measure(model, sparse=False),
                "train_seconds": sum(h["seconds"] for h in history),

@@ -30,7 +30,7 @@ def plural(count, noun):
 
 # ---------------------------------------------------------------- device
 
-def get_device(name="auto"):
+def get_device(name="auto", cudnn_benchmark=True):
     """'auto' | 'cpu' | 'cuda' -> torch.device; 'cuda' without CUDA is a UserError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,7 +42,7 @@ def get_device(name="auto"):
     if name.startswith("cuda"):
         # Batch shapes repeat from step to step, so cuDNN's one-off timing of its conv
         # algorithms pays for itself within the first epoch.
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     device = torch.device(name)
     compute_dtype(device)  # a bad PRUNING_AUTOCAST fails now, in one line, not mid-run
     return device
@@ -221,6 +221,12 @@ def measure(model, sparse=True):
     return {"sparsity": get_prunable_sparsity(model),
             "size_bits": get_model_size(model, count_nonzero_only=sparse),
             "macs": get_sparse_macs(model, inputs) if sparse else get_model_macs(model, inputs)}
+
+
+def size_line(what, num_bytes, dense_bytes):
+    """The one way a size is printed: '<what> 0.573 MiB, 8.48x smaller than dense (4.86 MiB)'."""
+    return (f"{what} {num_bytes / MiB:.3f} MiB, {dense_bytes / num_bytes:.2f}x smaller than dense "
+            f"({dense_bytes / MiB:.2f} MiB)")
 
 
 def progress(iterable=None, **kwargs):
