@@ -75,9 +75,9 @@ def main(args):
     source = Path(args.checkpoint or ckpt_dir / ("dense.pt" if args.gradual else "pruned.pt"))
     ckpt = load_checkpoint(source, stages=("dense", "finetuned") if args.gradual else ("pruned",))
     device = get_device(args.device, args.cudnn_benchmark)
-    loaders = load_data_for(ckpt, args.data_dir, device, args.eval_views, recipe, args.train_subset)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     masks, schedule = gradual_start(model, ckpt, args) if args.gradual else (ckpt["masks"], None)
+    loaders = load_data_for(ckpt, args.data_dir, device, args.eval_views, recipe, args.train_subset)
 
     t0 = time.perf_counter()
     pruner, history, best_epoch = finetune_model(model, masks, schedule, loaders, recipe, state_path, state, source,

@@ -68,9 +68,8 @@ def test_each_image_is_mirrored_in_every_other_epoch():
     loader = Loader(images, torch.arange(40), batch_size=8, device="cpu", train=True, translate=0)
 
     def mirrored(epoch):
-        loader.set_epoch(epoch)
         flags = {}
-        for x, y in loader:
+        for x, y in loader.batches(epoch):
             flags.update(zip(y.tolist(), (x[:, 0, 16, 29] > x[:, 0, 16, 2]).tolist()))
         return torch.tensor([flags[i] for i in range(40)])
 
@@ -82,18 +81,17 @@ def test_each_image_is_mirrored_in_every_other_epoch():
 def test_loader_batches_keep_shapes_dtypes_and_labels():
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(40) % 10
-    loader = Loader(images, labels, batch_size=16, device="cpu", train=True, seed=0)
-    batches = list(loader)
+    loader = Loader(images, labels, batch_size=16, device="cpu", train=True)
+    batches = list(loader.batches(0, seed=0))
     assert len(batches) == len(loader) == 2  # the partial batch is dropped when training
     for x, y in batches:
         assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
         assert x.is_contiguous(memory_format=torch.channels_last)
         assert y.dtype == torch.long and y.shape == (16,)
-    loader.set_epoch(0)
-    first = next(iter(loader))
+    first = next(loader.batches(0, seed=0))
     assert torch.equal(first[0], batches[0][0])  # the same epoch repeats exactly
-    loader.set_epoch(1)
-    assert not torch.equal(next(iter(loader))[0], batches[0][0])
+    assert not torch.equal(next(loader.batches(1, seed=0))[0], batches[0][0])
+    assert not torch.equal(next(loader.batches(0, seed=1))[0], batches[0][0])
     evaluation = Loader(images, labels, batch_size=16, device="cpu")
     assert len(evaluation) == 3 and torch.equal(torch.cat([y for _, y in evaluation]), labels)
 
@@ -104,8 +102,7 @@ def test_low_res_epochs_shrink_the_training_images_then_stop():
     images = (labels * 20 + 10).view(-1, 1, 1, 1).expand(32, 3, 32, 32).to(torch.uint8).contiguous()
     loader = Loader(images, labels, 16, "cpu", train=True, translate=0, low_res_epochs=2, low_res=20)
     for epoch, side in [(0, 20), (1, 20), (2, 32)]:
-        loader.set_epoch(epoch)
-        for x, y in loader:
+        for x, y in loader.batches(epoch):
             assert x.shape == (16, 3, side, side) and x.is_contiguous(memory_format=torch.channels_last)
             raw = (x * loader.std + loader.mean).round()
             assert torch.equal(raw[:, 0, side // 2, side // 2], (y * 20 + 10).float())
@@ -117,8 +114,8 @@ def test_augmented_labels_stay_with_their_images():
     # every image is a constant equal to its label, so the pairing can be checked after augmenting
     labels = torch.arange(64) % 10
     images = (labels * 20 + 10).view(-1, 1, 1, 1).expand(64, 3, 32, 32).to(torch.uint8).contiguous()
-    loader = Loader(images, labels, batch_size=32, device="cpu", train=True, seed=1)
-    for x, y in loader:
+    loader = Loader(images, labels, batch_size=32, device="cpu", train=True)
+    for x, y in loader.batches(epoch=0, seed=1):
         raw = (x * loader.std + loader.mean).round()
         centre = raw[:, 0, 16, 16]  # the centre pixel is never padding
         assert torch.equal(centre, (y * 20 + 10).float())

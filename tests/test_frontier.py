@@ -1,4 +1,4 @@
-"""Gradual pruning through the scripts (prune.py --gradual, finetune.py, --resume) and
+"""Gradual pruning through the scripts (finetune.py --gradual, --resume) and
 frontier.py's sweep, on tiny generated data."""
 import json
 import os
@@ -23,39 +23,38 @@ def dense(chain):
 def finetune_args(folder, ckpt_dir, *extra):
     # 160 training images / 32 = 5 steps an epoch; 3 epochs = 15 steps, the ramp 60% = 9 of them
     return script_args(finetune.get_finetune_args_parser(), folder, ckpt_dir, "--epochs", "3", "--batch-size", "32",
-                 "--checkpoint", str(ckpt_dir.parent / "pruned.pt"), *extra)
+                       "--checkpoint", str(ckpt_dir.parent / "dense.pt"), "--gradual", "--method", "global",
+                       "--target", "0.8", "--ramp", "0.6", "--prune-every", "2", *extra)
 
 
 def test_gradual_chain_reaches_the_exact_global_count_and_resumes_identically(dense, image_folder, tmp_path,
                                                                              monkeypatch):
-    prune.main(script_args(prune.get_args_parser(), image_folder, tmp_path / "p", "--checkpoint", str(dense / "dense.pt"),
-                     "--method", "global", "--target", "0.8", "--gradual", "--ramp", "0.6", "--prune-every", "2"))
-    pruned = load_checkpoint(tmp_path / "p" / "pruned.pt", stages=("pruned",))
-    assert pruned["schedule"]["method"] == "global" and pruned["schedule"]["target"] == 0.8
-    assert all(m.all() for m in pruned["masks"].values())  # nothing is pruned before finetuning
-    (tmp_path / "pruned.pt").write_bytes((tmp_path / "p" / "pruned.pt").read_bytes())
-
+    (tmp_path / "dense.pt").write_bytes((dense / "dense.pt").read_bytes())
     once = finetune.main(finetune_args(image_folder, tmp_path / "once"))
     a = load_checkpoint(tmp_path / "once" / "finetuned.pt", stages=("finetuned",))
-    names = list(pruned["schedule"]["final"])
+    assert a["schedule"]["method"] == "global" and a["schedule"]["target"] == 0.8
+    names = list(a["schedule"]["final"])
     total = sum(a["model"][n].numel() for n in names)
     assert sum(int((~a["masks"][n]).sum()) for n in names) == round(0.8 * total)
     assert sum(int((a["model"][n] == 0).sum()) for n in names) >= round(0.8 * total)
     assert once["best_epoch"] >= 2  # epoch 1 ends before the ramp does: never the best
+    assert not (tmp_path / "once" / "pruned.pt").exists()  # no plan waits in a pruned.pt
 
-    # The same run, stopped in its third epoch (after the ramp), then resumed.
+    # The same run, stopped in its third epoch (after the ramp), then resumed: --resume alone
+    # brings back the gradual flags.
     interrupt_in_epoch(monkeypatch, 3)
     with pytest.raises(Interrupted):
         finetune.main(finetune_args(image_folder, tmp_path / "parts"))
     monkeypatch.undo()
-    resumed = finetune.main(finetune_args(image_folder, tmp_path / "parts", "--resume"))
+    resumed = finetune.main(script_args(finetune.get_finetune_args_parser(), image_folder, tmp_path / "parts",
+                                        "--checkpoint", str(tmp_path / "dense.pt"), "--resume"))
     b = load_checkpoint(tmp_path / "parts" / "finetuned.pt", stages=("finetuned",))
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
     assert all(torch.equal(a["masks"][n], b["masks"][n]) for n in a["masks"])
     assert b["sparsity"] == a["sparsity"] and min(b["sparsity"].values()) > 0
-    assert not (tmp_path / "parts" / "finetuned.best.pt").exists()
-    assert resumed["test_acc"] == once["test_acc"]
+    assert not (tmp_path / "parts" / "finetuned.resume.pt").exists()
+    assert resumed["test_acc"] == once["test_acc"] and resumed["best_epoch"] == once["best_epoch"]
 
 
 def sweep_args(image_folder, dense, out, *extra):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import finetune
 import prune
 import quantize
 from conftest import interrupt_in_epoch, script_args
@@ -124,11 +125,16 @@ def test_quantize_script_writes_a_shared_model_and_export(finetuned, image_folde
     assert ckpt["bits"] == {n: 3 for n in BITS}
 
 
-def test_quantize_refuses_a_gradual_checkpoint_whose_masks_wait_for_finetuning(finetuned, image_folder):
-    prune.main(script_args(prune.get_args_parser(), image_folder, finetuned, "--method", "global",
-                           "--target", "0.9", "--gradual"))
-    with pytest.raises(UserError, match="--gradual.*run `python finetune.py` first"):
-        quantize.main(quantize_args(image_folder, finetuned, "--checkpoint", str(finetuned / "pruned.pt")))
+def test_a_gradual_plan_from_an_older_version_is_refused_in_one_line(finetuned, image_folder, tmp_path):
+    # Until this version, prune.py --gradual wrote a pruned.pt of the unpruned model and a schedule.
+    plan = load_checkpoint(finetuned / "pruned.pt", stages=("pruned",))
+    plan["schedule"] = {"method": "global", "target": 0.9}
+    torch.save(plan, tmp_path / "plan.pt")
+    for main, args in ((quantize.main, quantize_args(image_folder, finetuned, "--checkpoint", str(tmp_path / "plan.pt"))),
+                       (finetune.main, script_args(finetune.get_finetune_args_parser(), image_folder, finetuned,
+                                                   "--checkpoint", str(tmp_path / "plan.pt")))):
+        with pytest.raises(UserError, match="gradual pruning plan from an older version.*finetune.py --gradual"):
+            main(args)
     assert not (finetuned / "quantized.pt").exists()
 
 

@@ -28,13 +28,14 @@ def sweep(image_folder, ckpt, out, *extra):
                                      "--quantize-epochs", "1", "--jobs", "1", *extra))
 
 
-def run_scripts(image_folder, source, folder, method, target, seed, *prune_flags):
-    """prune.py, finetune.py and quantize.py (4 bits, 1 epoch) with the sweep's flags ->
-    (finetuned metrics, quantized metrics)."""
-    prune.main(script_args(prune.get_args_parser(), image_folder, folder, "--checkpoint", str(source),
-                           "--method", method, "--target", str(target), "--seed", str(seed), *prune_flags))
+def run_scripts(image_folder, source, folder, method, target, seed, gradual=False):
+    """prune.py (or finetune.py --gradual), finetune.py and quantize.py (4 bits, 1 epoch) with
+    the sweep's flags -> (finetuned metrics, quantized metrics)."""
+    pruning = ["--checkpoint", str(source), "--method", method, "--target", str(target)]
+    if not gradual:
+        prune.main(script_args(prune.get_args_parser(), image_folder, folder, *pruning, "--seed", str(seed)))
     tuned = finetune.main(script_args(finetune.get_finetune_args_parser(), image_folder, folder, *BUDGET,
-                                      "--seed", str(seed)))
+                                      "--seed", str(seed), *(["--gradual", *pruning] if gradual else [])))
     shared = quantize.main(script_args(quantize.get_quantize_args_parser(), image_folder, folder, "--epochs", "1",
                                        "--batch-size", "32", "--seed", str(seed), "--bits", "4"))
     return tuned, shared
@@ -51,7 +52,7 @@ def test_a_frontier_run_is_the_scripts_result_and_iterative_masks_only_shrink(ch
     first, _ = run_scripts(image_folder, chain / "dense.pt", tmp_path / "s1", "global", 0.5, 3)
     second, shared = run_scripts(image_folder, tmp_path / "s1" / "finetuned.pt", tmp_path / "s2", "global", 0.8, 3)
     random, _ = run_scripts(image_folder, chain / "dense.pt", tmp_path / "s3", "random", 0.8, 3)
-    gradual, _ = run_scripts(image_folder, chain / "dense.pt", tmp_path / "s4", "global", 0.8, 3, "--gradual")
+    gradual, _ = run_scripts(image_folder, chain / "dense.pt", tmp_path / "s4", "global", 0.8, 3, gradual=True)
     for tuned, key in ((first, ("global-iterative", 0.5)), (second, ("global-iterative", 0.8)),
                        (random, ("random", 0.8)), (gradual, ("global-gradual", 0.8))):
         point = runs[key]
