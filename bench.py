@@ -42,12 +42,12 @@ from pathlib import Path
 import torch
 
 import data
+from checkpoint import load_checkpoint, save_checkpoint
+from cli import MAX_WIDTH, cli, comma_list, nonnegative_int, positive_int, seed_int, width
 from model import build_model
 from sensitivity import DEFAULT_SPARSITIES
-from checkpoint import load_checkpoint, save_checkpoint
-from cli import cli, comma_list, MAX_WIDTH, nonnegative_int, positive_int, seed_int, width
-from utils import (AUTOCAST_ENV, compute_dtype, format_table, get_device, get_model_macs, native_bf16_cpu,
-                   resolve_jobs, TTA, TTA_VIEWS, UserError)
+from utils import (AUTOCAST_ENV, TTA, TTA_VIEWS, UserError, compute_dtype, format_table, get_device, get_model_macs,
+                   native_bf16_cpu, resolve_jobs)
 
 width_list = comma_list(width, f"widths (numbers above 0, at most {MAX_WIDTH})")
 
@@ -268,7 +268,8 @@ def bench_export(width, seed=0):
     """Prints the export's bytes against its bound for prune.py's SPARSITY, 90% everywhere,
     and SPARSITY with quantize.py's 4-bit weight sharing; -> {label: export / bound}."""
     from export import export_with_report
-    from prune import SPARSITY, FineGrainedPruner
+    from prune import SPARSITY
+    from pruning import FineGrainedPruner
     from quantize import BITS, KMeansQuantizer
 
     config, ratios = {"width": width, "num_classes": 10}, {}

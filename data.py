@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import atomic_write, ensure_writable, nearest_existing
-from cli import cli, DEFAULT_DATA_DIR
-from utils import plural, tta_label, TTA_VIEWS, UserError
+from cli import DEFAULT_DATA_DIR, cli
+from utils import TTA_VIEWS, UserError, plural, tta_label
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")  # CIFAR-10's label order

@@ -35,10 +35,10 @@ import constriction
 import numpy as np
 import torch
 
-from data import EVAL_BATCH_SIZE, Loader, get_datasets
-from model import build_model
 from checkpoint import MADE_BY, atomic_write
 from cli import MAX_WIDTH, add_common_args, cli
+from data import EVAL_BATCH_SIZE, Loader, get_datasets
+from model import build_model
 from plots import short_name
 from utils import MiB, UserError, evaluate, format_table, get_device, get_model_size, size_line, tta_label
 

@@ -25,8 +25,8 @@ from data import load_data_for
 from export import add_export_args, evaluate_export, export_with_report
 from model import build_model_from_checkpoint
 from plots import plot_summary
-from prune import (FineGrainedPruner, GradualSchedule, add_pruning_args, check_allocation_args, get_prunable_names,
-                   load_sparsity_json, prune_model, resolve_names, SPARSITY)
+from prune import SPARSITY, add_pruning_args, check_allocation_args, load_sparsity_json, resolve_names
+from pruning import FineGrainedPruner, GradualSchedule, get_prunable_names, prune_model
 from train import FINETUNE, RECIPE_FLAGS, Recipe, fit, get_args_parser, load_resume
 from utils import MiB, evaluate, get_device, measure, set_seed, size_line
 

@@ -44,7 +44,8 @@ from export import load_sparse_export, read_export, save_sparse_export
 from finetune import finetune_model
 from model import build_model_from_checkpoint
 from plots import plot_frontier
-from prune import add_pruning_args, get_prunable_names, prune_model, resolve_names
+from prune import add_pruning_args, resolve_names
+from pruning import get_prunable_names, prune_model
 from quantize import quantize_model
 from sensitivity import load_scan, scan_plan
 from sweep import METHODS, export_name, load_sweep, lock_sweep, print_table, run_key, split_method, summarize

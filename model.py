@@ -100,7 +100,7 @@ def get_args_parser():
 
 
 def main(args):
-    from utils import get_model_macs, get_model_size, get_num_parameters, MiB
+    from utils import MiB, get_model_macs, get_model_size, get_num_parameters
 
     model = build_model(args.width)
     for name, p in model.named_parameters():

@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoint import ensure_writable, load_checkpoint, make_checkpoint, save_checkpoint
+from cli import cli, int_in, run_args
 from data import load_data_for
 from export import export_with_report
 from model import build_model_from_checkpoint
-from prune import SPARSITY, get_prunable_names
+from prune import SPARSITY
+from pruning import get_prunable_names
 from train import RECIPE_FLAGS, Recipe, fit, get_args_parser, load_resume
-from checkpoint import ensure_writable, load_checkpoint, make_checkpoint, save_checkpoint
-from cli import cli, int_in, run_args
 from utils import UserError, evaluate, get_device, measure, plural, set_seed, size_line
 
 # Bits per shared value, layer by layer: at most 2**bits distinct nonzero weights.

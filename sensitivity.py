@@ -17,12 +17,14 @@ import sys
 import torch
 
 from checkpoint import ensure_writable, file_sha256, load_checkpoint, read_json, write_json
-from cli import add_common_args, cli, fraction_in, fraction_list, is_fraction, is_number, nonnegative_float, positive_int
+from cli import (add_common_args, cli, fraction_in, fraction_list, is_fraction, is_number, nonnegative_float,
+                 positive_int)
 from data import Loader, load_data_for
 from model import build_model_from_checkpoint
 from plots import plot_parameters, plot_sensitivity, short_name
-from prune import fine_grained_prune, get_prunable_names
-from utils import UserError, autocast, evaluate, format_table, get_device, get_model_size, progress, size_line, tta_views
+from pruning import fine_grained_prune, get_prunable_names
+from utils import (UserError, autocast, evaluate, format_table, get_device, get_model_size, progress, size_line,
+                   tta_views)
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)  # the scripts' and the Makefile's
 

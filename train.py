@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data import get_datasets, make_loaders
-from model import build_model
 from checkpoint import ensure_writable, file_sha256, load_checkpoint, make_checkpoint, save_checkpoint
 from cli import (add_common_args, cli, fraction, fraction_in, int_in, nonnegative_float, nonnegative_int,
                  positive_float, positive_int, run_args, seed_int, width)
-from utils import (autocast, evaluate, get_device, Interrupted, measure, model_summary, progress, set_seed,
-                   tta_label, UserError)
+from data import get_datasets, make_loaders
+from model import build_model
+from utils import (Interrupted, UserError, autocast, evaluate, get_device, measure, model_summary, progress,
+                   set_seed, tta_label)
 
 
 

@@ -5,8 +5,9 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 
 from model import build_model
-from prune import (EXCLUDE, FineGrainedPruner, GradualSchedule, allocate, cubic_sparsity, get_prunable_names,
-                   global_allocation, gradual_schedule, resolve_names)
+from prune import resolve_names
+from pruning import (EXCLUDE, FineGrainedPruner, GradualSchedule, allocate, cubic_sparsity, get_prunable_names,
+                     global_allocation, gradual_schedule)
 from train import build_optimizer
 from utils import UserError
 

@@ -20,9 +20,9 @@ import prune
 import quantize
 import sensitivity
 import train
-from conftest import TINY_TRAIN
 from checkpoint import load_checkpoint
 from cli import cli
+from conftest import TINY_TRAIN
 
 ROOT = Path(__file__).resolve().parent.parent
 

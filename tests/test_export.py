@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
+from checkpoint import save_checkpoint
 from export import MAGIC, information_bound, load_sparse_export, save_sparse_export, stored_dtype
 from model import build_model
-from prune import SPARSITY, FineGrainedPruner, allocate
+from prune import SPARSITY
+from pruning import FineGrainedPruner, allocate
 from quantize import BITS, KMeansQuantizer
-from checkpoint import save_checkpoint
 from utils import UserError
 
 CONFIG = {"width": 0.25, "num_classes": 10}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+import checkpoint
 import finetune
 import frontier
 import prune
-import checkpoint
 from test_cli import PARSERS, assert_one_line, run_cli, script_argv, tree
 from checkpoint import HOST, load_checkpoint, temp_name
 from utils import UserError

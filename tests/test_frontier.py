@@ -10,8 +10,8 @@ import torch
 import finetune
 import frontier
 import prune
-from conftest import interrupt_in_epoch, script_args
 from checkpoint import load_checkpoint
+from conftest import interrupt_in_epoch, script_args
 from utils import Interrupted, UserError
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 import bench
 import data
 from model import build_model
-from utils import compute_dtype, get_model_macs, native_bf16_cpu, UserError
+from utils import UserError, compute_dtype, get_model_macs, native_bf16_cpu
 
 ROOT = Path(__file__).parent.parent
 STEPS = ["data", "bench", "train", "sensitivity", "1-prune", "2-finetune", "3-prune", "4-finetune", "quantize",

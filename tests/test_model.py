@@ -1,7 +1,7 @@
 import torch
 
 from model import build_model
-from prune import get_prunable_names
+from pruning import get_prunable_names
 from utils import get_model_macs
 
 SEED_NAMES = [

@@ -9,10 +9,10 @@ import torch
 import finetune
 import prune
 import quantize
+from checkpoint import CHAIN, load_checkpoint
 from conftest import script_args
 from model import build_model_from_checkpoint
-from checkpoint import load_checkpoint, CHAIN
-from utils import get_sparsity, measure, UserError
+from utils import UserError, get_sparsity, measure
 
 FIGURES = {"val_acc", "test_acc", "sparsity", "size_bits", "macs"}
 

@@ -3,9 +3,10 @@ import torch
 import torch.nn.utils.prune as torch_prune
 
 from model import build_model
-from prune import SPARSITY, FineGrainedPruner, check_sparsity_dict, fine_grained_prune, get_prunable_names
+from prune import SPARSITY
+from pruning import FineGrainedPruner, check_sparsity_dict, fine_grained_prune, get_prunable_names
 from train import build_optimizer
-from utils import get_model_macs, get_sparse_macs, get_sparsity, UserError
+from utils import UserError, get_model_macs, get_sparse_macs, get_sparsity
 
 
 @pytest.mark.parametrize("shape", [(7,), (16, 8, 3, 3), (10, 33)])

@@ -5,15 +5,16 @@ import torch
 import torch.nn.functional as F
 
 import finetune
-import prune
+import pruning
 import quantize
+from checkpoint import load_checkpoint
 from conftest import interrupt_in_epoch, script_args
 from export import information_bound, load_sparse_export, save_sparse_export
 from model import build_model
-from prune import SPARSITY, FineGrainedPruner
+from prune import SPARSITY
+from pruning import FineGrainedPruner
 from quantize import BITS, KMeansQuantizer, k_means_quantize, quantized_size
 from train import build_optimizer
-from checkpoint import load_checkpoint
 from utils import Interrupted, UserError
 
 
@@ -26,7 +27,7 @@ def distinct_nonzero(tensor):
 def test_k_means_keeps_zeros_and_at_most_2_to_the_bits_values(bits, init):
     torch.manual_seed(bits)
     w = torch.randn(64, 32, 3, 3)
-    mask = prune.fine_grained_prune(w, 0.7)
+    mask = pruning.fine_grained_prune(w, 0.7)
     before = w.clone()
     codebook = k_means_quantize(w, bits, init=init)
     assert distinct_nonzero(w) <= 2 ** bits and len(codebook.centroids) == 2 ** bits
@@ -158,7 +159,7 @@ def test_an_interrupted_quantize_resumes_with_its_own_bits_and_init(finetuned, i
 
 
 def test_bad_bits_dict_names_what_is_allowed():
-    names = prune.get_prunable_names(build_model(width=0.0625))
+    names = pruning.get_prunable_names(build_model(width=0.0625))
     with pytest.raises(UserError, match="unknown layer"):
         quantize.check_bits({"backbone.conv99.weight": 4}, names)
     for bad in (0, 9, 2.5, "4", True):

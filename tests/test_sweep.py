@@ -15,9 +15,9 @@ import finetune
 import frontier
 import prune
 import quantize
+from checkpoint import load_checkpoint
 from conftest import script_args
 from export import load_sparse_export
-from checkpoint import load_checkpoint
 from utils import UserError
 
 BUDGET = ("--epochs", "2", "--batch-size", "32")

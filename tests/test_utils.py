@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoint import load_checkpoint, save_checkpoint
 from data import Loader
 from model import build_model
-from prune import FineGrainedPruner, SPARSITY
-from checkpoint import load_checkpoint, save_checkpoint
-from utils import (autocast, compute_dtype, evaluate, get_device, get_model_size, get_model_sparsity,
-                   get_num_parameters, get_sparsity, MiB, native_bf16_cpu, translate, tta_views, UserError)
+from prune import SPARSITY
+from pruning import FineGrainedPruner
+from utils import (MiB, UserError, autocast, compute_dtype, evaluate, get_device, get_model_size, get_model_sparsity,
+                   get_num_parameters, get_sparsity, native_bf16_cpu, translate, tta_views)
 
 
 def test_size_accounting_matches_the_seed():
