@@ -1,11 +1,12 @@
 """The command line every script shares: flag types checked when parsed, the common
 flags, and `cli`, which turns a user error into one line on stderr and a non-zero exit."""
 import argparse
+import os
 import math
 import signal
 import sys
 
-from utils import TTA_VIEWS, Interrupted, UserError
+from utils import TTA_VIEWS, Interrupted, UserError, plural
 
 DEFAULT_DATA_DIR = "data/cifar10"
 
@@ -158,3 +159,12 @@ def run_args(args):
     """The flags of a run, as a plain dict for checkpoints."""
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
+
+def resolve_jobs(jobs, auto):
+    """--jobs N: processes at once, 0 meaning `auto`. Each needs a CPU core of its own (on
+    CUDA too, to drive the GPU): more is refused rather than left to thrash."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if jobs > cores:
+        raise UserError(f"--jobs {jobs} is more than the {plural(cores, 'CPU core')} this process may use: "
+                        f"pass at most {cores}")
+    return jobs or max(1, min(auto, cores))

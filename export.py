@@ -39,8 +39,8 @@ from checkpoint import MADE_BY, atomic_write
 from cli import MAX_WIDTH, add_common_args, cli
 from data import EVAL_BATCH_SIZE, Loader, get_datasets
 from model import build_model
-from plots import short_name
-from utils import MiB, UserError, evaluate, format_table, get_device, get_model_size, size_line, tta_label
+from utils import (MiB, UserError, evaluate, format_table, get_device, get_model_size, short_name, size_line,
+                   tta_label)
 
 MAGIC = b"FGSPARSE"
 FORMAT = "fine-grained-sparse/4"
@@ -242,9 +242,10 @@ def information_bound(model, masks, value_bits=32, shared=False):
     return bits
 
 
-def export_with_report(model, masks, config, path, dense_bytes, dtype="float32", shared=False):
-    """Write the export and print its size against dense.pt, the computed size and the
-    bound; -> {"export_bytes", "bound_bytes"}."""
+def export_with_report(model, masks, config, path, dense_bytes, dtype="float32", shared=False, test=None):
+    """Write the export and print its size against dense.pt and its information bound ->
+    {"export_bytes", "bound_bytes"}; with `test` (a loader, the model's test accuracy) and
+    reduced-precision values, also "export_test_acc", the accuracy of the file loaded back."""
     export_bytes = save_sparse_export(model.state_dict(), masks, config, path, getattr(torch, dtype), shared)
     value_bits = torch.finfo(getattr(torch, dtype)).bits
     figures = {"export_bytes": export_bytes, "bound_bytes": information_bound(model, masks, value_bits, shared) / 8}
@@ -252,6 +253,8 @@ def export_with_report(model, masks, config, path, dense_bytes, dtype="float32",
     print(size_line(f"On disk: {Path(path).name} ({'shared' if shared else dtype} values)", export_bytes, dense_bytes))
     print(f"Information bound ({values} + mask entropy): {figures['bound_bytes'] / MiB:.3f} MiB; the export is "
           f"{export_bytes / figures['bound_bytes']:.3f}x the bound")
+    if test is not None and dtype != "float32":
+        figures["export_test_acc"] = evaluate_export(path, *test)
     return figures
 
 

@@ -22,7 +22,7 @@ import torch
 from checkpoint import ensure_writable, load_checkpoint, make_checkpoint, save_checkpoint
 from cli import cli, run_args
 from data import load_data_for
-from export import add_export_args, evaluate_export, export_with_report
+from export import add_export_args, export_with_report
 from model import build_model_from_checkpoint
 from plots import plot_summary
 from prune import SPARSITY, add_pruning_args, check_allocation_args, load_sparsity_json, resolve_names
@@ -92,9 +92,8 @@ def main(args):
                "finetune_epochs": recipe.epochs + before.get("finetune_epochs", 0)}
     export_path = ckpt_dir / "finetuned.sparse.pt"
     metrics.update(export_with_report(model, pruner.masks, ckpt["config"], export_path,
-                                      dense["checkpoint_bytes"], args.export_dtype))
-    if args.export_dtype != "float32":
-        metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], metrics["test_acc"])
+                                      dense["checkpoint_bytes"], args.export_dtype,
+                                      test=(loaders["test"], metrics["test_acc"])))
     out = make_checkpoint("finetuned", model, metrics, args, source=ckpt, carry=carry, history=history,
                           masks=pruner.state_dict(), sparsity=pruner.sparsity, schedule=schedule)
     path = save_checkpoint(out, ckpt_dir / "finetuned.pt")

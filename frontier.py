@@ -10,21 +10,17 @@ Methods (--methods), each pruned from the same dense checkpoint:
   scan     the sensitivity scan's suggestion for that target (sensitivity.py --target-sparsity;
            needs checkpoints/sensitivity.json with sparsities as high as the targets);
   random   uniform's sparsities with random masks, the control (prune.py --method random);
-  NAME-gradual    the same allocation reached gradually during finetuning (prune.py --gradual);
+  NAME-gradual    the same allocation reached gradually during finetuning (finetune.py --gradual);
   NAME-iterative  Han et al.'s iterative pruning: the targets in increasing order, each
            pruned one-shot from the previous target's finetuned model with its masks held
            (prune.py --checkpoint checkpoints/finetuned.pt); the first from the dense model.
-Every run gets the same budget: finetuning epochs, learning rate, batch size and images,
-then (--bits) k-means weight sharing and codebook training as quantize.py does. --seeds
-sets each run's finetuning randomness (and random's masks); the dense model stays the same.
-A point is finetune.py's result for the same flags and seed.
-
-The dataset is read once per job. Each finished run is appended to checkpoints/frontier.json
-at once and its exports are kept in checkpoints/frontier/; a rerun skips the runs already
-there, per (method, target, seed), so an interrupted or extended sweep loses at most the
-runs in progress. Validation accuracy chooses, test accuracy is reported. Prints a table
-of mean +- sample std over the seeds and writes plots/frontier.png: test accuracy against
-the bytes on disk (dense.pt over each export, fp32 and weight-shared) and against MACs.
+Every run gets the same budget (finetuning recipe and images, then --bits weight sharing
+as quantize.py does it); --seeds sets each run's randomness (and random's masks). A point
+is the scripts' result for the same flags and seed. Each finished run goes into
+checkpoints/frontier.json at once, its exports into checkpoints/frontier/; the same command
+skips the runs already there, so an interrupted or extended sweep loses only the runs in
+progress. Prints mean +- sample std over the seeds and draws plots/frontier.png: test
+accuracy against the bytes on disk (fp32 and weight-shared exports) and against MACs.
 """
 import multiprocessing
 import os
@@ -38,9 +34,9 @@ from queue import Empty
 import torch
 
 from checkpoint import ensure_writable, file_sha256, load_checkpoint, write_json
-from cli import cli, fraction_list, int_in, nonnegative_int, positive_float, positive_int, seed_list
+from cli import cli, fraction_list, int_in, nonnegative_int, positive_float, positive_int, resolve_jobs, seed_list
 from data import check_views, load_data_for
-from export import load_sparse_export, read_export, save_sparse_export
+from export import load_sparse_export, save_sparse_export
 from finetune import finetune_model
 from model import build_model_from_checkpoint
 from plots import plot_frontier
@@ -48,10 +44,11 @@ from prune import add_pruning_args, resolve_names
 from pruning import get_prunable_names, prune_model
 from quantize import quantize_model
 from sensitivity import load_scan, scan_plan
-from sweep import METHODS, export_name, load_sweep, lock_sweep, print_table, run_key, split_method, summarize
+from sweep import (METHODS, check_starts, export_name, load_sweep, lock_sweep, plan_chains, print_table, run_key,
+                   split_method, summarize)
 from train import FINETUNE, Recipe
 from train import get_args_parser as get_training_args_parser
-from utils import Interrupted, UserError, evaluate, get_device, measure, plural, resolve_jobs
+from utils import Interrupted, UserError, evaluate, get_device, measure, plural
 
 
 @dataclass(frozen=True)
@@ -68,10 +65,11 @@ class Budget:
     bits: int
     quantize_epochs: int
     quantize_lr: float
+    compile: bool = False  # torch.compile the training step: no part of the record
 
     @classmethod
     def from_args(cls, args):
-        return cls(Recipe.from_args(args, seed=0), **{k: getattr(args, k) for k in BUDGET_FLAGS})  # seeds: per run
+        return cls(Recipe.from_args(args, seed=0), **{k: getattr(args, k) for k in (*BUDGET_FLAGS, "compile")})
 
     def record(self):
         """The budget as frontier.json stores it: every field but the recipe's seed."""
@@ -115,7 +113,8 @@ def run_point(dense, loaders, budget, run, start, scan, folder):
     pruner, _, schedule = prune_model(model, allocation, target, sparsity_dict, exclude, held,
                                       kind == "gradual", budget.ramp, budget.prune_every, seed)
     recipe, desc = replace(budget.recipe, seed=seed), f"{method} {target:g} seed {seed}"
-    pruner, history, best_epoch = finetune_model(model, pruner.state_dict(), schedule, loaders, recipe, desc=desc)
+    pruner, history, best_epoch = finetune_model(model, pruner.state_dict(), schedule, loaders, recipe, desc=desc,
+                                                 compile=budget.compile)
     check_finite(model, f"{desc}: finetuning", "--lr")
     record = {"method": method, "target": target, "seed": seed, "start": start and start["target"],
               "val_acc": history[best_epoch - 1]["val_acc"], "test_acc": evaluate(model, loaders["test"]),
@@ -125,20 +124,20 @@ def run_point(dense, loaders, budget, run, start, scan, folder):
               "layers": dict(pruner.sparsity)}
     if budget.bits:
         codebook = replace(recipe, epochs=budget.quantize_epochs, lr=budget.quantize_lr)
-        record["quantized"] = share_weights(model, loaders, codebook, budget.bits,
-                                            folder / export_name(run, budget.bits), dense["config"], desc)
+        record["quantized"] = share_weights(model, loaders, codebook, budget, folder / export_name(run, budget.bits),
+                                            dense["config"], desc)
     record["seconds"] = time.perf_counter() - t0
     return record
 
 
-def share_weights(model, loaders, recipe, bits, path, config, desc):
+def share_weights(model, loaders, recipe, budget, path, config, desc):
     """quantize.py on a finetuned run, in place, with the sweep's --bits and its codebook
     recipe (--quantize-epochs, --quantize-lr), its export written to `path` -> the record's
     "quantized" part."""
-    bits = {name: bits for name in get_prunable_names(model)}
+    bits = {name: budget.bits for name in get_prunable_names(model)}
     # measure_shared off: the accuracy right after the k-means step would cost a pass over val and test
     masks, _, figures = quantize_model(model, bits, "exact", loaders, recipe, desc=f"{desc} codebook",
-                                       measure_shared=False)  # quantize.py's defaults: exact, float16 rest
+                                       measure_shared=False, compile=budget.compile)  # quantize.py's: exact, fp16 rest
     check_finite(model, f"{desc}: codebook training", "--quantize-lr")
     return {"val_acc": figures["val_acc"], "test_acc": evaluate(model, loaders["test"]),
             "export_bytes": save_sparse_export(model.state_dict(), masks, config, path, shared=True)}
@@ -148,48 +147,6 @@ def check_finite(model, what, flag):
     """A run that diverged stops the sweep rather than record NaN weights."""
     if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
         raise UserError(f"{what} diverged (the weights are not finite): lower {flag}")
-
-
-def plan_chains(methods, targets, seeds, points):
-    """The runs still to do, as chains to run in order: an iterative method's targets for
-    one seed form one chain, each run starting from the run below it, a finished one or
-    one earlier in the chain (None: the dense model); any other run is a chain of its own.
-    -> [[(run, start)]], start None, a finished run's record, or an earlier run's key."""
-    done = {run_key(p): p for p in points}
-    chains = []
-    for method in methods:
-        for seed in seeds:
-            if split_method(method)[1] != "iterative":
-                continue
-            chain, below = [], sorted(t for m, t, s in done if m == method and s == seed)
-            for target in sorted(targets):
-                if (method, target, seed) in done:
-                    continue
-                lower = (method, max(t for t in below if t < target), seed) if below and below[0] < target else None
-                chain.append(((method, target, seed), done.get(lower, lower)))
-                below = sorted({*below, target})
-            if chain:
-                chains.append(chain)
-    return chains + [[((m, t, s), None)] for s in seeds for m in methods for t in targets  # in the order asked
-                     if split_method(m)[1] != "iterative" and (m, t, s) not in done]
-
-
-def check_starts(chains, folder, config):
-    """Every finished run that an iterative run goes on from must have its export, whole:
-    refused now rather than after hours of training."""
-    fix = "restore the file, or delete that run's record from the sweep file"
-    for run, start in (item for chain in chains for item in chain):
-        if isinstance(start, dict):
-            path, what = folder / export_name(run_key(start)), f"{run[0]} at {run[1]:g} (seed {run[2]})"
-            if not path.is_file():
-                raise UserError(f"{path} is missing, but {what} goes on from it: {fix}")
-            try:
-                header, _ = read_export(path)
-            except UserError as e:
-                raise UserError(f"{e}; {what} would go on from it: {fix}") from None
-            if header["config"] != config or path.stat().st_size != start["export_bytes"] or header["values"] != "float32":
-                raise UserError(f"{path} is not the export its record in the sweep file describes, but {what} "
-                                f"goes on from it: {fix}")
 
 
 def run_chains(chains, dense_path, data_dir, budget, scan, folder, device, threads, emit):
@@ -289,8 +246,6 @@ def run_jobs(chains, jobs, dense_path, data_dir, budget, scan, folder, device, e
             emit(*payload)
 
 
-# ---------------------------------------------------------------- the table and the plot
-
 def get_args_parser():
     parser = get_training_args_parser(__doc__, plots=True, resume=False, seed=False)
     parser.set_defaults(**FINETUNE)  # finetune.py's recipe
@@ -364,7 +319,7 @@ def main(args):
         raise UserError(f"{folder} is a file, but the runs' exports go in a folder of that name: move it")
     source = Path(args.checkpoint or ckpt_dir / "dense.pt")
     dense_ckpt, dense = read_dense(source, args.eval_views)
-    device = get_device(args.device)
+    device = get_device(args.device, args.cudnn_benchmark)
     model = build_model_from_checkpoint(dense_ckpt)
     resolve_names(args.exclude, get_prunable_names(model))  # a bad name fails now, not at a run
     scan = load_scan(args.scan or ckpt_dir / "sensitivity.json", model, dense["checkpoint_sha256"]) if any(

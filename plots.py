@@ -3,7 +3,7 @@ import math
 from pathlib import Path
 
 from checkpoint import atomic_write
-from utils import MiB, get_sparsity, plural
+from utils import MiB, get_sparsity, plural, short_name
 
 
 def pyplot():
@@ -12,11 +12,6 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def short_name(name):
-    """'backbone.conv1.weight' -> 'conv1', for plot labels."""
-    return name.removeprefix("backbone.").removesuffix(".weight")
 
 
 def save_figure(fig, path):

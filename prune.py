@@ -28,7 +28,7 @@ import torch
 from checkpoint import ensure_writable, load_checkpoint, make_checkpoint, read_json, save_checkpoint
 from cli import add_common_args, cli, fraction, fraction_in, positive_int, seed_int
 from data import check_views, load_data_for
-from export import add_export_args, evaluate_export, export_with_report
+from export import add_export_args, export_with_report
 from model import build_model_from_checkpoint
 from plots import plot_weights
 from pruning import EXCLUDE, METHODS, get_prunable_names, prune_model
@@ -171,9 +171,8 @@ def main(args):
           f"(dense: val {dense['val_acc']:.2f}% | test {dense['test_acc']:.2f}%)")
     export_path = ckpt_dir / "pruned.sparse.pt"
     metrics.update(export_with_report(model, pruner.masks, ckpt["config"], export_path,
-                                      dense["checkpoint_bytes"], args.export_dtype))
-    if args.export_dtype != "float32":
-        metrics["export_test_acc"] = evaluate_export(export_path, loaders["test"], metrics["test_acc"])
+                                      dense["checkpoint_bytes"], args.export_dtype,
+                                      test=(loaders["test"], metrics["test_acc"])))
     plot = plot_weights(model, plot_dir / "weights.png")
     out = make_checkpoint("pruned", model, metrics, args, source=ckpt, carry=carry, masks=pruner.state_dict(),
                           sparsity=plan)

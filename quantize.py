@@ -189,7 +189,7 @@ def round_rest(model, names, dtype=torch.float16):
 
 
 def quantize_model(model, bits, init, loaders, recipe, rest_dtype="float16", state_path=None, resume=None,
-                   source=None, flags=None, desc="codebook", measure_shared=True):
+                   source=None, flags=None, desc="codebook", measure_shared=True, compile=False):
     """k-means weight sharing of `model` in place, then recipe.epochs of codebook training,
     then the other tensors rounded to `rest_dtype` -> (masks {name: bool}, history,
     figures): the one quantizing path of quantize.py and frontier.py. figures: the final
@@ -203,7 +203,7 @@ def quantize_model(model, bits, init, loaders, recipe, rest_dtype="float16", sta
                    f"{figures['shared_val_acc']:.2f}% | test {figures['shared_test_acc']:.2f}%; now training the "
                    f"codebooks for {plural(recipe.epochs, 'epoch')}")
     set_seed(recipe.seed)
-    history, _ = fit(model, loaders, recipe, quantizer, state_path, resume, source, flags, desc)
+    history, _ = fit(model, loaders, recipe, quantizer, state_path, resume, source, flags, desc, compile=compile)
     figures["val_acc"] = history[-1]["val_acc"]
     if rest_dtype != "float32":
         round_rest(model, bits, getattr(torch, rest_dtype))
@@ -247,7 +247,7 @@ def main(args):
     before, dense = ckpt["metrics"], ckpt["metrics"]["dense"]
 
     masks, history, figures = quantize_model(model, bits, args.init, loaders, recipe, args.rest_dtype, state_path,
-                                             state, source, run_args(args))
+                                             state, source, run_args(args), compile=args.compile)
     export_path = ckpt_dir / "quantized.sparse.pt"
     metrics = {**figures, "test_acc": evaluate(model, loaders["test"]), **measure(model),
                "size_bits": quantized_size(model, bits),

@@ -21,10 +21,10 @@ from cli import (add_common_args, cli, fraction_in, fraction_list, is_fraction, 
                  positive_int)
 from data import Loader, load_data_for
 from model import build_model_from_checkpoint
-from plots import plot_parameters, plot_sensitivity, short_name
+from plots import plot_parameters, plot_sensitivity
 from pruning import fine_grained_prune, get_prunable_names
-from utils import (UserError, autocast, evaluate, format_table, get_device, get_model_size, progress, size_line,
-                   tta_views)
+from utils import (UserError, autocast, evaluate, format_table, get_device, get_model_size, progress, short_name,
+                   size_line, tta_views)
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)  # the scripts' and the Makefile's
 

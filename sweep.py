@@ -1,5 +1,6 @@
 """A sweep's records, frontier.json: its methods, reading and checking the file, the lock that
-keeps a second sweep off it, and the table of mean +- std over seeds."""
+keeps a second sweep off it, the plan of the runs still to do, and the table of mean +- std
+over seeds. frontier.py runs the plan."""
 import contextlib
 import fcntl
 import statistics
@@ -7,6 +8,7 @@ import sys
 
 from checkpoint import read_json
 from cli import is_fraction, is_number
+from export import read_export
 from utils import TTA_VIEWS, UserError, format_table, tta_label
 
 ALLOCATIONS = ("uniform", "global", "scan", "random")
@@ -131,3 +133,45 @@ def print_table(sweep):
           f"{dense['checkpoint_bytes']:,} bytes | {dense['macs'] / 1e6:,.1f} M MACs. test %: mean +- sample std "
           f"over the runs (seeds), {tta_label(sweep['budget']['eval_views'])}; epochs: finetuning epochs since dense; "
           "on disk: dense.pt's bytes over the export's")
+
+
+def plan_chains(methods, targets, seeds, points):
+    """The runs still to do, as chains to run in order: an iterative method's targets for
+    one seed form one chain, each run starting from the run below it, a finished one or
+    one earlier in the chain (None: the dense model); any other run is a chain of its own.
+    -> [[(run, start)]], start None, a finished run's record, or an earlier run's key."""
+    done = {run_key(p): p for p in points}
+    chains = []
+    for method in methods:
+        for seed in seeds:
+            if split_method(method)[1] != "iterative":
+                continue
+            chain, below = [], sorted(t for m, t, s in done if m == method and s == seed)
+            for target in sorted(targets):
+                if (method, target, seed) in done:
+                    continue
+                lower = (method, max(t for t in below if t < target), seed) if below and below[0] < target else None
+                chain.append(((method, target, seed), done.get(lower, lower)))
+                below = sorted({*below, target})
+            if chain:
+                chains.append(chain)
+    return chains + [[((m, t, s), None)] for s in seeds for m in methods for t in targets  # in the order asked
+                     if split_method(m)[1] != "iterative" and (m, t, s) not in done]
+
+
+def check_starts(chains, folder, config):
+    """Every finished run that an iterative run goes on from must have its export, whole:
+    refused now rather than after hours of training."""
+    fix = "restore the file, or delete that run's record from the sweep file"
+    for run, start in (item for chain in chains for item in chain):
+        if isinstance(start, dict):
+            path, what = folder / export_name(run_key(start)), f"{run[0]} at {run[1]:g} (seed {run[2]})"
+            if not path.is_file():
+                raise UserError(f"{path} is missing, but {what} goes on from it: {fix}")
+            try:
+                header, _ = read_export(path)
+            except UserError as e:
+                raise UserError(f"{e}; {what} would go on from it: {fix}") from None
+            if header["config"] != config or path.stat().st_size != start["export_bytes"] or header["values"] != "float32":
+                raise UserError(f"{path} is not the export its record in the sweep file describes, but {what} "
+                                f"goes on from it: {fix}")

@@ -48,16 +48,6 @@ def get_device(name="auto", cudnn_benchmark=True):
     return device
 
 
-def resolve_jobs(jobs, auto):
-    """--jobs N: processes at once, 0 meaning `auto`. Each needs a CPU core of its own (on
-    CUDA too, to drive the GPU): more is refused rather than left to thrash."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if jobs > cores:
-        raise UserError(f"--jobs {jobs} is more than the {plural(cores, 'CPU core')} this process may use: "
-                        f"pass at most {cores}")
-    return jobs or max(1, min(auto, cores))
-
-
 def set_seed(seed):
     """Seed Python, NumPy and torch (CPU and CUDA) for a reproducible run."""
     random.seed(seed)
@@ -252,3 +242,8 @@ def model_summary(model, device):
     macs = get_model_macs(model, torch.zeros(1, 3, 32, 32, device=device))
     return (f"parameters {get_num_parameters(model):,} | MACs {macs / 1e6:,.1f} M per image | "
             f"size {get_model_size(model) / 8 / MiB:.2f} MiB (fp32)")
+
+
+def short_name(name):
+    """'backbone.conv1.weight' -> 'conv1', for plot labels."""
+    return name.removeprefix("backbone.").removesuffix(".weight")
