@@ -302,13 +302,19 @@ def load_data_for(ckpt, data_dir, device, views, recipe=None, train_subset=None)
     """Loaders over the very split the checkpoint was trained with, evaluating at its number
     of views: val and test, and with a recipe a training loader (of `train_subset` images)."""
     check_views(ckpt, views)
+    datasets = datasets_for(ckpt, data_dir, train_subset)
+    return make_loaders(datasets, recipe, device, views) if recipe else eval_loaders(datasets, device, views)
+
+
+def datasets_for(ckpt, data_dir, train_subset=None):
+    """get_datasets of the split the checkpoint records, checked against the data found."""
     split = ckpt["split"]
     datasets, found = get_datasets(data_dir, split["val_size"], split["split_seed"], train_subset)
     if found["num_train_images"] != split["num_train_images"]:
         raise UserError(f"{data_dir} has {found['num_train_images']} training images, but the "
                         f"checkpoint's split was drawn from {split['num_train_images']}: pass the "
                         "--data-dir it was trained on")
-    return make_loaders(datasets, recipe, device, views) if recipe else eval_loaders(datasets, device, views)
+    return datasets
 
 
 # ---------------------------------------------------------------- decode once

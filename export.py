@@ -91,8 +91,15 @@ def stored_dtype(tensor):
 
 
 def save_sparse_export(state_dict, masks, config, path, dtype=torch.float32, shared=False):
-    """Write the compressed export of a pruned state dict; returns its bytes on disk.
-    shared: store each masked tensor's kept values as a codebook plus coded indices."""
+    """Write the compressed export of a pruned state dict (`encode_export`) -> its bytes on disk."""
+    data = encode_export(state_dict, masks, config, dtype, shared)
+    atomic_write(path, lambda f: f.write(data))
+    return len(data)
+
+
+def encode_export(state_dict, masks, config, dtype=torch.float32, shared=False):
+    """The compressed export of a pruned state dict, as bytes. shared: store each masked
+    tensor's kept values as a codebook plus coded indices."""
     values = "shared" if shared else str(dtype).removeprefix("torch.")
     if values not in VALUES:
         raise ValueError(f"the export stores values as {', '.join(VALUES)}, not {values}")
@@ -109,8 +116,7 @@ def save_sparse_export(state_dict, masks, config, path, dtype=torch.float32, sha
     payload = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
     header = json.dumps({"format": FORMAT, "config": config, "values": values, "crc32": zlib.crc32(payload),
                          "tensors": entries, "float16": half}, separators=(",", ":")).encode()
-    atomic_write(path, lambda f: f.write(MAGIC + len(header).to_bytes(4, "little") + header + payload))
-    return Path(path).stat().st_size
+    return MAGIC + len(header).to_bytes(4, "little") + header + payload
 
 
 def read_export(path):
@@ -126,6 +132,12 @@ def read_export(path):
         raise UserError(f"cannot read {path} ({err.strerror})") from None
     if not data:
         raise UserError(f"{path} is empty: {MADE_BY['export']}")
+    return parse_export(data, path)
+
+
+def parse_export(data, path):
+    """An export's bytes (read from `path`, for messages) -> (header dict, payload bytes),
+    its header and checksum checked."""
     if not data.startswith(MAGIC):
         what = ("a torch checkpoint, not a compressed export (an export from before "
                 f"{READS[0]} is one too: write it again)") if data.startswith(b"PK\x03\x04") else (
@@ -184,10 +196,10 @@ def decode_tensor(reader, entry, values, shape):
     return torch.from_numpy(tensor).view(shape), torch.from_numpy(kept).view(shape)
 
 
-def load_sparse_export(path, with_masks=False):
-    """The compressed export -> an ordinary dense model (eval mode, fp32, CPU), and with
-    with_masks its masks {name: bool tensor, True = kept} too."""
-    header, payload = read_export(path)
+def load_sparse_export(path, with_masks=False, data=None):
+    """The compressed export at `path` (or its bytes, `data`) -> an ordinary dense model
+    (eval mode, fp32, CPU), and with with_masks its masks {name: bool tensor, True = kept} too."""
+    header, payload = read_export(path) if data is None else parse_export(data, path)
     try:
         model = build_model(**header["config"])
         template = model.state_dict()

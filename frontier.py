@@ -22,21 +22,18 @@ skips the runs already there, so an interrupted or extended sweep loses only the
 progress. Prints mean +- sample std over the seeds and draws plots/frontier.png: test
 accuracy against the bytes on disk (fp32 and weight-shared exports) and against MACs.
 """
-import multiprocessing
 import os
-import threading
 import time
-import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from queue import Empty
 
 import torch
 
-from checkpoint import ensure_writable, file_sha256, load_checkpoint, write_json
+from checkpoint import atomic_write, ensure_writable, file_sha256, load_checkpoint, write_json
 from cli import cli, fraction_list, int_in, nonnegative_int, positive_float, positive_int, resolve_jobs, seed_list
-from data import check_views, load_data_for
-from export import load_sparse_export, save_sparse_export
+from cluster import connect, run_on_ray
+from data import check_views, datasets_for, make_loaders
+from export import encode_export, load_sparse_export
 from finetune import finetune_model
 from model import build_model_from_checkpoint
 from plots import plot_frontier
@@ -44,7 +41,7 @@ from prune import add_pruning_args, resolve_names
 from pruning import get_prunable_names, prune_model
 from quantize import quantize_model
 from sensitivity import load_scan, scan_plan
-from sweep import (METHODS, check_starts, export_name, load_sweep, lock_sweep, plan_chains, print_table, run_key,
+from sweep import (METHODS, export_name, load_starts, load_sweep, lock_sweep, plan_chains, print_table, run_key,
                    split_method, summarize)
 from train import FINETUNE, Recipe
 from train import get_args_parser as get_training_args_parser
@@ -65,11 +62,13 @@ class Budget:
     bits: int
     quantize_epochs: int
     quantize_lr: float
-    compile: bool = False  # torch.compile the training step: no part of the record
+    compile: bool = False  # how the steps run, not what they compute: no part of the record
+    cudnn_benchmark: bool = True
 
     @classmethod
     def from_args(cls, args):
-        return cls(Recipe.from_args(args, seed=0), **{k: getattr(args, k) for k in (*BUDGET_FLAGS, "compile")})
+        fields = (*BUDGET_FLAGS, "compile", "cudnn_benchmark")
+        return cls(Recipe.from_args(args, seed=0), **{k: getattr(args, k) for k in fields})  # seeds: per run
 
     def record(self):
         """The budget as frontier.json stores it: every field but the recipe's seed."""
@@ -90,25 +89,29 @@ def parse_methods(text):
     return methods
 
 
-def run_point(dense, loaders, budget, run, start, scan, folder):
-    """Prune (from the dense model, or from the finetuned run `start` of an iterative chain),
-    finetune with the sweep's budget, then share weights: one record of frontier.json, or
-    None when the scan cannot reach the target."""
+def run_point(dense, loaders, budget, run, start, scan):
+    """Prune (from the dense model, or from the finished run `start` of an iterative chain:
+    its record and exports), finetune with the sweep's budget, then share weights -> (the
+    record of frontier.json, {export file name: bytes}); (None, {}) when the scan cannot
+    reach the target, nor, in a chain, the one below it. Writes no file."""
     method, target, seed = run
     allocation, kind = split_method(method)
     device = loaders["train"].device
     t0 = time.perf_counter()
     if start is None:
         model, held, epochs_before = build_model_from_checkpoint(dense), {}, 0
+    elif start[0] is None:
+        return None, {}
     else:  # the export is bit-exact: the very model the earlier run finished with
-        model, held = load_sparse_export(folder / export_name(run_key(start)), with_masks=True)
-        held, epochs_before = {n: m.to(device) for n, m in held.items()}, start["finetune_epochs"]
+        name = export_name(run_key(start[0]))
+        model, held = load_sparse_export(name, with_masks=True, data=start[1][name])
+        held, epochs_before = {n: m.to(device) for n, m in held.items()}, start[0]["finetune_epochs"]
     model.to(device, memory_format=torch.channels_last)
     sparsity_dict = None
     if allocation == "scan":
         allocation, sparsity_dict = "dict", scan_plan(scan, target, model)
         if sparsity_dict is None:
-            return None
+            return None, {}
     exclude = resolve_names(budget.exclude, get_prunable_names(model))
     pruner, _, schedule = prune_model(model, allocation, target, sparsity_dict, exclude, held,
                                       kind == "gradual", budget.ramp, budget.prune_every, seed)
@@ -116,31 +119,30 @@ def run_point(dense, loaders, budget, run, start, scan, folder):
     pruner, history, best_epoch = finetune_model(model, pruner.state_dict(), schedule, loaders, recipe, desc=desc,
                                                  compile=budget.compile)
     check_finite(model, f"{desc}: finetuning", "--lr")
-    record = {"method": method, "target": target, "seed": seed, "start": start and start["target"],
+    exports = {export_name(run): encode_export(model.state_dict(), pruner.masks, dense["config"])}
+    record = {"method": method, "target": target, "seed": seed, "start": start and start[0]["target"],
               "val_acc": history[best_epoch - 1]["val_acc"], "test_acc": evaluate(model, loaders["test"]),
               **measure(model), "best_epoch": best_epoch, "finetune_epochs": epochs_before + recipe.epochs,
-              "export_bytes": save_sparse_export(model.state_dict(), pruner.masks, dense["config"],
-                                                 folder / export_name(run)),
-              "layers": dict(pruner.sparsity)}
+              "export_bytes": len(exports[export_name(run)]), "layers": dict(pruner.sparsity)}
     if budget.bits:
         codebook = replace(recipe, epochs=budget.quantize_epochs, lr=budget.quantize_lr)
-        record["quantized"] = share_weights(model, loaders, codebook, budget, folder / export_name(run, budget.bits),
-                                            dense["config"], desc)
+        record["quantized"], exports[export_name(run, budget.bits)] = share_weights(model, loaders, codebook, budget,
+                                                                                    dense["config"], desc)
     record["seconds"] = time.perf_counter() - t0
-    return record
+    return record, exports
 
 
-def share_weights(model, loaders, recipe, budget, path, config, desc):
+def share_weights(model, loaders, recipe, budget, config, desc):
     """quantize.py on a finetuned run, in place, with the sweep's --bits and its codebook
-    recipe (--quantize-epochs, --quantize-lr), its export written to `path` -> the record's
-    "quantized" part."""
+    recipe (--quantize-epochs, --quantize-lr) -> (the record's "quantized" part, the export)."""
     bits = {name: budget.bits for name in get_prunable_names(model)}
     # measure_shared off: the accuracy right after the k-means step would cost a pass over val and test
     masks, _, figures = quantize_model(model, bits, "exact", loaders, recipe, desc=f"{desc} codebook",
                                        measure_shared=False, compile=budget.compile)  # quantize.py's: exact, fp16 rest
     check_finite(model, f"{desc}: codebook training", "--quantize-lr")
+    export = encode_export(model.state_dict(), masks, config, shared=True)
     return {"val_acc": figures["val_acc"], "test_acc": evaluate(model, loaders["test"]),
-            "export_bytes": save_sparse_export(model.state_dict(), masks, config, path, shared=True)}
+            "export_bytes": len(export)}, export
 
 
 def check_finite(model, what, flag):
@@ -149,101 +151,14 @@ def check_finite(model, what, flag):
         raise UserError(f"{what} diverged (the weights are not finite): lower {flag}")
 
 
-def run_chains(chains, dense_path, data_dir, budget, scan, folder, device, threads, emit):
-    """Run `chains` (an iterable) one after another, calling emit(record or None, run) after each run."""
-    if threads:
-        torch.set_num_threads(threads)
-    dense = load_checkpoint(dense_path, stages=("dense",))
-    loaders = load_data_for(dense, data_dir, device, budget.eval_views, budget.recipe, budget.train_subset)
+def run_chains(chains, dense, datasets, budget, scan, device, emit):
+    """Run `chains` here, one after another, calling emit((record, exports), run) after each run."""
+    loaders = make_loaders(datasets, budget.recipe, device, budget.eval_views)
     for chain in chains:
-        records = {}
+        below = None
         for run, start in chain:
-            if isinstance(start, tuple):  # a run of this chain, finished above
-                start = records[start]
-            record = run_point(dense, loaders, budget, run, start, scan, folder)
-            records[run] = record
-            emit(record, run)
-            if record is None:  # the scan cannot reach it: nor the targets above
-                break
-
-
-def job_main(index, tasks, dense_path, data_dir, budget, scan, folder, device, threads, queue):
-    """A --jobs worker process: takes chains from `tasks` until a None; its records go to
-    the parent, which alone writes the sweep, as (kind, job index, payload) messages."""
-    parent = multiprocessing.parent_process()
-
-    def die_with_parent():  # a parent killed, not interrupted, leaves no orphan training on
-        parent.join()
-        os._exit(1)
-
-    threading.Thread(target=die_with_parent, daemon=True).start()
-    try:
-        run_chains(iter(tasks.get, None), dense_path, data_dir, budget, scan, folder, device, threads,
-                   lambda record, run: queue.put(("run", index, (record, run))))
-        queue.put(("done", index, None))
-    except KeyboardInterrupt:
-        queue.put(("interrupted", index, None))
-    except UserError as e:
-        queue.put(("error", index, str(e)))
-    except Exception as e:  # noqa: BLE001 (its traceback goes to stderr, its line to the parent)
-        traceback.print_exc()
-        queue.put(("error", index, f"{type(e).__name__}: {e} (traceback above)"))
-
-
-def job_gpus(device):
-    """How many GPUs --jobs spread over: every one with --device cuda, only the named one
-    with cuda:N, none on the CPU."""
-    return (torch.cuda.device_count() if device.index is None else 1) if device.type == "cuda" else 0
-
-
-def run_jobs(chains, jobs, dense_path, data_dir, budget, scan, folder, device, emit):
-    """Run the chains in `jobs` processes (each with its share of the threads and, with
-    several GPUs, a GPU of its own), each taking the next chain when it is free, the
-    longest first; emit() runs here, in the parent. A job that fails or dies stops the
-    sweep; the runs finished by then are kept."""
-    gpus = job_gpus(device)
-    threads = max(1, torch.get_num_threads() // jobs)
-    context = multiprocessing.get_context("spawn")
-    tasks, queue = context.Queue(), context.Queue()
-    for chain in [*sorted(chains, key=len, reverse=True), *[None] * jobs]:  # stable: else in the order asked
-        tasks.put(chain)
-    workers = [context.Process(target=job_main, args=(i, tasks, dense_path, data_dir, budget, scan, folder,
-                                                      torch.device("cuda", i % gpus) if gpus > 1 else device,
-                                                      threads, queue), daemon=True)
-               for i in range(jobs)]
-    for w in workers:
-        w.start()
-    running, silent, error = set(range(jobs)), {}, None
-    try:
-        while running and error is None:
-            try:
-                kind, index, payload = queue.get(timeout=1)
-            except Empty:  # a job killed outright (out of memory, a crash) says nothing: watch them
-                for i in [i for i in running if not workers[i].is_alive()]:
-                    silent[i] = silent.get(i, 0) + 1
-                    if silent[i] > 2:  # its last messages, if any, have had time to arrive
-                        error = f"job {i} died (exit code {workers[i].exitcode})"
-                continue
-            if kind == "run":
-                emit(*payload)
-            elif kind == "done":
-                running.discard(index)
-            elif kind == "interrupted":
-                raise KeyboardInterrupt
-            else:
-                error = payload
-    finally:
-        for w in workers:
-            if w.is_alive():
-                w.terminate()
-            w.join()
-    while error is not None:  # what the other jobs finished meanwhile is kept too
-        try:
-            kind, _, payload = queue.get(timeout=0.1)
-        except Empty:
-            raise UserError(f"a job failed: {error} (the runs finished before it are saved)") from None
-        if kind == "run":
-            emit(*payload)
+            below = run_point(dense, loaders, budget, run, below if isinstance(start, tuple) else start, scan)
+            emit(below, run)
 
 
 def get_args_parser():
@@ -263,11 +178,14 @@ def get_args_parser():
         help="codebook training epochs per run, quantize.py's --epochs (default: %(default)s)")
     add("--quantize-lr", type=positive_float, default=0.01,
         help="codebook training learning rate, quantize.py's --lr (default: %(default)s)")
-    add("--jobs", type=nonnegative_int, default=0,
-        help="runs at once, each in a process of its own with a share of the threads (and, with "
-             "several GPUs and --device cuda, a GPU each); 0 = two on a CPU (at width 0.25 two "
-             "processes side by side beat one with all the threads: bench.py), one per GPU on "
-             "CUDA (default: %(default)s)")
+    add("--jobs", type=positive_int, default=None,
+        help="runs at once on this machine, each a Ray task with its share of the threads (on CUDA a GPU "
+             "each); 1 runs them here, one after another, without Ray (default: two on a CPU, where at width "
+             "0.25 two 1-thread runs beat one 2-thread run (bench.py); one per GPU on CUDA)")
+    add("--address", default=None, metavar="HOST:PORT",
+        help="run on the Ray cluster there (`ray start --head` prints it; default: $RAY_ADDRESS, else this machine)")
+    add("--retries", type=nonnegative_int, default=1,
+        help="times a run is retried when its worker dies (killed, out of memory, a lost node) (default: %(default)s)")
     add("--scan", default=None, metavar="FILE.json",
         help="the scan for the scan methods (default: <checkpoint-dir>/sensitivity.json)")
     add("--out", default=None, help="the sweep's JSON; the runs' exports go to the folder of the same "
@@ -288,16 +206,19 @@ def read_dense(path, eval_views):
                   "checkpoint_sha256": file_sha256(path)}
 
 
-def recorder(sweep, out, todo):
-    """-> emit(record or None, run): adds a finished run to `sweep` and rewrites `out` at once."""
+def recorder(sweep, out, folder, todo):
+    """-> emit((record, exports) or (None, {}), run): writes a finished run's exports into
+    `folder`, adds its record to `sweep` and rewrites `out`, at once."""
     done = []
 
-    def emit(record, run):
-        method, target, seed = run
+    def emit(result, run):
+        (record, exports), (method, target, seed) = result, run
         if record is None:
             print(f"{method} {target:g} seed {seed}: skipped, the scan's sparsities cannot reach {target:g} "
                   "(scan higher --sparsities in sensitivity.py)")
             return
+        for name, data in exports.items():
+            atomic_write(folder / name, lambda f, data=data: f.write(data))
         sweep["points"].append(record)
         done.append(record)
         write_json(sweep, out)
@@ -307,6 +228,19 @@ def recorder(sweep, out, todo):
               + (f" | {sweep['budget']['bits']}-bit test {q['test_acc']:.2f}%, {q['export_bytes']:,} bytes" if q
                  else "") + f" | {record['seconds']:.0f} s")
     return emit
+
+
+def sweep_jobs(jobs, address, device):
+    """--jobs and --address -> how many runs at once here (0: on the cluster)."""
+    if address:
+        if jobs:
+            raise UserError("--jobs is for a sweep on this machine; a cluster (--address) runs as many runs at once "
+                            "as it has CPUs (or GPUs)")
+        return 0
+    gpus = (torch.cuda.device_count() if device.index is None else 1) if device.type == "cuda" else 0
+    if gpus and (jobs or 0) > gpus:
+        raise UserError(f"--jobs {jobs} is more than the {plural(gpus, 'GPU')} of --device {device}: pass at most {gpus}")
+    return resolve_jobs(jobs or 0, gpus or 2)
 
 
 def main(args):
@@ -320,32 +254,36 @@ def main(args):
     source = Path(args.checkpoint or ckpt_dir / "dense.pt")
     dense_ckpt, dense = read_dense(source, args.eval_views)
     device = get_device(args.device, args.cudnn_benchmark)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    jobs = sweep_jobs(args.jobs, address, device)
     model = build_model_from_checkpoint(dense_ckpt)
     resolve_names(args.exclude, get_prunable_names(model))  # a bad name fails now, not at a run
     scan = load_scan(args.scan or ckpt_dir / "sensitivity.json", model, dense["checkpoint_sha256"]) if any(
         m.startswith("scan") for m in methods) else None
     budget = Budget.from_args(args)
+    datasets = datasets_for(dense_ckpt, args.data_dir, budget.train_subset)  # read once, here
+    make_loaders(datasets, budget.recipe, "cpu", budget.eval_views)  # a bad --batch-size fails now, in one line
 
     def plan():
         points = load_sweep(out, dense, budget.record())
-        chains = plan_chains(methods, targets, seeds, points)
-        check_starts(chains, folder, dense_ckpt["config"])
+        chains = load_starts(plan_chains(methods, targets, seeds, points), folder, dense_ckpt["config"])
         ensure_writable(folder, [export_name(r, bits) for chain in chains for r, _ in chain for bits in (0, args.bits)])
         return points, chains
 
-    plan()  # a bad sweep file fails here, before the lock file is made
-    jobs = resolve_jobs(args.jobs, job_gpus(device) or 2)  # a CPU: two, each half the threads
+    chains = plan()[1]  # a bad sweep file fails here, before Ray starts or the lock file is made
+    ray_options = connect(address, min(jobs, len(chains)), device) if chains and (address or jobs > 1) else None
     with lock_sweep(out):  # until the runs end
         points, chains = plan()  # again: a sweep that ended meanwhile may have added runs
         sweep = {"dense": dense, "budget": budget.record(), "points": points}
-        todo, jobs = sum(map(len, chains)), min(jobs, len(chains))
-        print(f"{plural(len(points), 'run')} in {out}, {plural(todo, 'run')} to do"
-              + (f" in {plural(jobs, 'job')}" if jobs > 1 else ""))
+        todo = sum(map(len, chains))
+        where = f" on the Ray cluster at {address}" if address else f" in {plural(jobs, 'job')}" if ray_options else ""
+        print(f"{plural(len(points), 'run')} in {out}, {plural(todo, 'run')} to do{where}")
+        emit = recorder(sweep, out, folder, todo)
         try:
-            if jobs > 1:
-                run_jobs(chains, jobs, source, args.data_dir, budget, scan, folder, device, recorder(sweep, out, todo))
-            elif chains:
-                run_chains(chains, source, args.data_dir, budget, scan, folder, device, None, recorder(sweep, out, todo))
+            if ray_options:
+                run_on_ray(chains, dense_ckpt, datasets, budget, scan, device, *ray_options, args.retries, emit)
+            else:
+                run_chains(chains, dense_ckpt, datasets, budget, scan, device, emit)
         except KeyboardInterrupt:
             raise Interrupted(f"{plural(len(points), 'run')} saved in {out}; rerun the same command to "
                               "continue") from None

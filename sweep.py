@@ -159,19 +159,26 @@ def plan_chains(methods, targets, seeds, points):
                      if split_method(m)[1] != "iterative" and (m, t, s) not in done]
 
 
-def check_starts(chains, folder, config):
-    """Every finished run that an iterative run goes on from must have its export, whole:
-    refused now rather than after hours of training."""
+def load_starts(chains, folder, config):
+    """`chains` with each finished run that an iterative run goes on from replaced by (its
+    record, {its export's name: bytes}); that export must be there, whole: refused now
+    rather than after hours of training."""
     fix = "restore the file, or delete that run's record from the sweep file"
-    for run, start in (item for chain in chains for item in chain):
-        if isinstance(start, dict):
-            path, what = folder / export_name(run_key(start)), f"{run[0]} at {run[1]:g} (seed {run[2]})"
-            if not path.is_file():
-                raise UserError(f"{path} is missing, but {what} goes on from it: {fix}")
-            try:
-                header, _ = read_export(path)
-            except UserError as e:
-                raise UserError(f"{e}; {what} would go on from it: {fix}") from None
-            if header["config"] != config or path.stat().st_size != start["export_bytes"] or header["values"] != "float32":
-                raise UserError(f"{path} is not the export its record in the sweep file describes, but {what} "
-                                f"goes on from it: {fix}")
+    loaded = []
+    for chain in chains:
+        loaded.append([])
+        for run, start in chain:
+            if isinstance(start, dict):
+                path, what = folder / export_name(run_key(start)), f"{run[0]} at {run[1]:g} (seed {run[2]})"
+                if not path.is_file():
+                    raise UserError(f"{path} is missing, but {what} goes on from it: {fix}")
+                try:
+                    header, _ = read_export(path)
+                except UserError as e:
+                    raise UserError(f"{e}; {what} would go on from it: {fix}") from None
+                if header["config"] != config or path.stat().st_size != start["export_bytes"] or header["values"] != "float32":
+                    raise UserError(f"{path} is not the export its record in the sweep file describes, but {what} "
+                                    f"goes on from it: {fix}")
+                start = start, {path.name: path.read_bytes()}
+            loaded[-1].append((run, start))
+    return loaded
