@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from sweep import BELOW
 from utils import UserError
 
 REPO = Path(__file__).resolve().parent
@@ -37,7 +38,6 @@ def connect(address, jobs, device):
     runtime_env = {"working_dir": str(REPO), "excludes": EXCLUDES}
     gpu = {"num_gpus": 1} if device.type == "cuda" else {}
     if address:
-        check_reachable(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except Exception as e:  # noqa: BLE001 (Ray raises several kinds: a wrong port, a version mismatch)
@@ -72,7 +72,7 @@ def run_on_ray(chains, dense, datasets, budget, scan, device, resources, threads
     for chain in sorted(chains, key=len, reverse=True):
         below = None
         for run, start in chain:
-            below = task.remote(dense_ref, data_ref, budget, run, below if isinstance(start, tuple) else start, scan,
+            below = task.remote(dense_ref, data_ref, budget, run, below if start == BELOW else start, scan,
                                 device.type, threads)
             runs[below] = run
     pending = list(runs)
@@ -97,7 +97,7 @@ def failure(error, run, retries):
     what = f"{run[0]} {run[1]:g} seed {run[2]}"
     cause = getattr(error, "cause", None)
     if isinstance(error, ray.exceptions.RayTaskError) and isinstance(cause, UserError):
-        return f"{what}: {cause}; the runs finished before it are saved"
+        return f"{'' if str(cause).startswith(what) else what + ': '}{cause}; the runs finished before it are saved"
     if isinstance(error, ray.exceptions.RayTaskError):
         print(error, file=sys.stderr)  # a bug: its traceback, from the worker
         return f"{what} failed ({type(cause).__name__}: {cause}; traceback above); the runs finished before it are saved"

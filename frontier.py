@@ -31,7 +31,7 @@ import torch
 
 from checkpoint import atomic_write, ensure_writable, file_sha256, load_checkpoint, write_json
 from cli import cli, fraction_list, int_in, nonnegative_int, positive_float, positive_int, resolve_jobs, seed_list
-from cluster import connect, run_on_ray
+from cluster import check_reachable, connect, run_on_ray
 from data import check_views, datasets_for, make_loaders
 from export import encode_export, load_sparse_export
 from finetune import finetune_model
@@ -41,7 +41,7 @@ from prune import add_pruning_args, resolve_names
 from pruning import get_prunable_names, prune_model
 from quantize import quantize_model
 from sensitivity import load_scan, scan_plan
-from sweep import (METHODS, export_name, load_starts, load_sweep, lock_sweep, plan_chains, print_table, run_key,
+from sweep import (BELOW, METHODS, export_name, load_starts, load_sweep, lock_sweep, plan_chains, print_table, run_key,
                    split_method, summarize)
 from train import FINETUNE, Recipe
 from train import get_args_parser as get_training_args_parser
@@ -157,7 +157,7 @@ def run_chains(chains, dense, datasets, budget, scan, device, emit):
     for chain in chains:
         below = None
         for run, start in chain:
-            below = run_point(dense, loaders, budget, run, below if isinstance(start, tuple) else start, scan)
+            below = run_point(dense, loaders, budget, run, below if start == BELOW else start, scan)
             emit(below, run)
 
 
@@ -256,13 +256,13 @@ def main(args):
     device = get_device(args.device, args.cudnn_benchmark)
     address = args.address or os.environ.get("RAY_ADDRESS")
     jobs = sweep_jobs(args.jobs, address, device)
+    if address:
+        check_reachable(address)
     model = build_model_from_checkpoint(dense_ckpt)
     resolve_names(args.exclude, get_prunable_names(model))  # a bad name fails now, not at a run
     scan = load_scan(args.scan or ckpt_dir / "sensitivity.json", model, dense["checkpoint_sha256"]) if any(
         m.startswith("scan") for m in methods) else None
     budget = Budget.from_args(args)
-    datasets = datasets_for(dense_ckpt, args.data_dir, budget.train_subset)  # read once, here
-    make_loaders(datasets, budget.recipe, "cpu", budget.eval_views)  # a bad --batch-size fails now, in one line
 
     def plan():
         points = load_sweep(out, dense, budget.record())
@@ -271,6 +271,8 @@ def main(args):
         return points, chains
 
     chains = plan()[1]  # a bad sweep file fails here, before Ray starts or the lock file is made
+    datasets = datasets_for(dense_ckpt, args.data_dir, budget.train_subset)  # read once, here
+    make_loaders(datasets, budget.recipe, "cpu", budget.eval_views)  # a bad --batch-size fails now, in one line
     ray_options = connect(address, min(jobs, len(chains)), device) if chains and (address or jobs > 1) else None
     with lock_sweep(out):  # until the runs end
         points, chains = plan()  # again: a sweep that ended meanwhile may have added runs

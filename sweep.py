@@ -12,6 +12,7 @@ from export import read_export
 from utils import TTA_VIEWS, UserError, format_table, tta_label
 
 ALLOCATIONS = ("uniform", "global", "scan", "random")
+BELOW = "below"  # a chain's run that starts from the run before it
 METHODS = (*ALLOCATIONS, "uniform-gradual", "global-gradual", "scan-gradual",
            "uniform-iterative", "global-iterative", "scan-iterative")
 
@@ -138,8 +139,8 @@ def print_table(sweep):
 def plan_chains(methods, targets, seeds, points):
     """The runs still to do, as chains to run in order: an iterative method's targets for
     one seed form one chain, each run starting from the run below it, a finished one or
-    one earlier in the chain (None: the dense model); any other run is a chain of its own.
-    -> [[(run, start)]], start None, a finished run's record, or an earlier run's key."""
+    the one before it in the chain (None: the dense model); any other run is a chain of its
+    own. -> [[(run, start)]], start None, a finished run's record, or BELOW."""
     done = {run_key(p): p for p in points}
     chains = []
     for method in methods:
@@ -151,7 +152,7 @@ def plan_chains(methods, targets, seeds, points):
                 if (method, target, seed) in done:
                     continue
                 lower = (method, max(t for t in below if t < target), seed) if below and below[0] < target else None
-                chain.append(((method, target, seed), done.get(lower, lower)))
+                chain.append(((method, target, seed), done[lower] if lower in done else lower and BELOW))
                 below = sorted({*below, target})
             if chain:
                 chains.append(chain)

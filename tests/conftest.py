@@ -1,5 +1,6 @@
 """Tiny CIFAR-10 look-alikes, written in both on-disk formats the repo reads, and the
 tiny train -> scan -> prune -> finetune chain that the script tests start from."""
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -10,6 +11,9 @@ import torch
 from torchvision.io import write_png
 
 from data import CLASSES
+
+# Ray, in the sweep tests, stays on this machine's loopback address and reports nothing home.
+os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
 
 # 4..32 channels: a forward pass takes milliseconds; 160 training images, 5 steps an epoch
 TINY_TRAIN = ["--width", "0.0625", "--val-size", "40", "--batch-size", "32"]

@@ -136,6 +136,9 @@ BAD_INPUTS = [  # (script, extra args, what the one line must say)
     ("quantize", lambda t: ["--checkpoint", "{ckpt}/dense.pt"], "run `python finetune.py` first"),
     ("bench", lambda t: ["--jobs", "999", "--batch-size", "8", "--steps", "1", "--scan-images", "0"], "--jobs 999 is more than"),
     ("frontier", lambda t: ["--jobs", "999"], "--jobs 999 is more than"),
+    ("frontier", lambda t: ["--address", "127.0.0.1:1"], "no Ray cluster answers at --address 127.0.0.1:1"),
+    ("frontier", lambda t: ["--address", "not-an-address"], "no Ray cluster answers"),
+    ("frontier", lambda t: ["--address", "127.0.0.1:1", "--jobs", "2"], "--jobs is for a sweep on this machine"),
     ("bench", lambda t: ["--export", "--profile"], "--export measures file sizes only"),
 ]
 # Every numeric flag is checked when parsed: (scripts, flag, bad values, what is allowed)
@@ -168,7 +171,8 @@ BAD_NUMBERS = [
     (("frontier",), "--bits", ("-1", "9"), "an integer from 0 to 8"),
     (("frontier",), "--quantize-epochs", ("0",), "an integer of 1 or more"),
     (("frontier",), "--quantize-lr", ("0", "nan"), "a finite number above 0"),
-    (("frontier",), "--jobs", ("-1", "two"), "an integer of 0 or more"),
+    (("frontier",), "--jobs", ("0", "-1", "two"), "an integer of 1 or more"),
+    (("frontier",), "--retries", ("-1",), "an integer of 0 or more"),
     (("bench",), "--steps", ("0",), "an integer of 1 or more"),
     (("bench",), "--width", ("0", "1e20", "0.25,x", ","), "comma-separated widths (numbers above 0, at most 8)"),
     (("bench",), "--jobs", ("-1",), "an integer of 0 or more"),
