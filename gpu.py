@@ -13,7 +13,7 @@ Each step is one of the repo's scripts, run as a user would run it, its log in O
      a. sensitivity.py, then the pipeline's iterative pruning (global 0.9, finetune,
         global 0.95 from the finetuned model, finetune), then quantize.py
      b. frontier.py: global, global-gradual and global-iterative at 0.9, 0.95 and 0.98,
-        seed 0, 5 finetuning epochs and 1 codebook epoch a run, in two jobs (OUT/frontier.json,
+        seed 0, 5 finetuning epochs and 1 codebook epoch a run, one Ray job per GPU (OUT/frontier.json,
         the runs' exports in OUT/frontier/)
 Checkpoints go to OUT/checkpoints/, plots to OUT/plots/, and OUT/gpu.json records each
 step's command, seconds and exit status as it ends, then the headline figures. The first
@@ -35,9 +35,9 @@ from utils import Interrupted, UserError
 ITERATIVE = [["prune.py", "--method", "global", "--target", "0.9"], ["finetune.py"],
              ["prune.py", "--checkpoint", "{ckpt}/finetuned.pt", "--method", "global", "--target", "0.95"],
              ["finetune.py"]]
-# Two jobs: on one GPU they share it, which pays while a step is bound by its launch overhead.
+# frontier.py's default --jobs: one run per GPU, as Ray tasks when there are several.
 FRONTIER = ["--methods", "global,global-gradual,global-iterative", "--sparsities", "0.9,0.95,0.98",
-            "--seeds", "0", "--epochs", "5", "--quantize-epochs", "1", "--jobs", "2"]
+            "--seeds", "0", "--epochs", "5", "--quantize-epochs", "1"]
 # --smoke: each script's flags for a run of seconds on tiny data (added after the usual ones)
 TINY = ["--epochs", "1", "--batch-size", "32", "--train-subset", "128"]
 SMOKE = {"bench.py": ["--width", "0.0625", "--batch-size", "16", "--steps", "1"],
