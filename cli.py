@@ -1,8 +1,8 @@
 """The command line every script shares: flag types checked when parsed, the common
 flags, and `cli`, which turns a user error into one line on stderr and a non-zero exit."""
 import argparse
-import os
 import math
+import os
 import signal
 import sys
 
@@ -98,8 +98,6 @@ def int_in(low, high):
     return parse
 
 
-
-
 def cli(main, parser, argv=None):
     """Run `main(parser.parse_args(argv))`; a UserError ends as one line on stderr and
     a non-zero exit, never as a traceback; so does a flag that fails its parse-time check."""
@@ -161,7 +159,7 @@ def run_args(args):
 
 
 def resolve_jobs(jobs, auto):
-    """--jobs N: processes at once, 0 meaning `auto`. Each needs a CPU core of its own (on
+    """--jobs N: runs at once, 0 meaning `auto`. Each needs a CPU core of its own (on
     CUDA too, to drive the GPU): more is refused rather than left to thrash."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if jobs > cores:

@@ -6,6 +6,7 @@ needs no data folder and no shared file system. Workers return each run's record
 exports' bytes; the driver alone writes them. A worker that dies (killed, out of memory,
 a lost node) has its run retried `retries` times; any other failure stops the sweep.
 """
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sweep import BELOW
-from utils import UserError
+from utils import UserError, plural
 
 REPO = Path(__file__).resolve().parent
 # What a worker on another node gets of the repo: the code, not the runs or the data.
@@ -22,6 +23,8 @@ EXCLUDES = ["/.git", "/data", "/checkpoints", "/plots", "/runs", "/tests", "/doc
 
 def check_reachable(address):
     """Fail in one line, within seconds, when nothing listens at HOST:PORT (Ray would retry for a minute)."""
+    if address == "auto":  # Ray's own: the cluster this machine is a node of
+        return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
@@ -33,20 +36,28 @@ def check_reachable(address):
 def connect(address, jobs, device):
     """Join the Ray cluster at `address`, or start one here with `jobs` workers -> the options
     of each run's task: one CPU (on CUDA one GPU), and the threads it may use."""
-    import ray
-
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--jobs N and --address run the sweep on Ray, which is not installed: "
+                        "pip install -r requirements.txt, or pass --jobs 1") from None
     runtime_env = {"working_dir": str(REPO), "excludes": EXCLUDES}
     gpu = {"num_gpus": 1} if device.type == "cuda" else {}
-    if address:
-        try:
+    where = f"join the Ray cluster at {address}" if address else "start Ray here"
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init sets its own, which would skip the Ctrl-C path
+    try:
+        if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        except Exception as e:  # noqa: BLE001 (Ray raises several kinds: a wrong port, a version mismatch)
-            raise UserError(f"cannot join the Ray cluster at --address {address}: "
-                            f"{str(e).strip().splitlines()[0][:200]}") from None
-        return {"num_cpus": 1, **gpu}, 1
-    ray.init(num_cpus=jobs, num_gpus=torch.cuda.device_count() if gpu else 0, include_dashboard=False,
-             runtime_env=runtime_env, _node_ip_address="127.0.0.1", log_to_driver=True)
-    return {"num_cpus": 1, **gpu}, max(1, torch.get_num_threads() // jobs)
+        else:
+            ray.init(num_cpus=jobs, num_gpus=torch.cuda.device_count() if gpu else 0, include_dashboard=False,
+                     runtime_env=runtime_env, _node_ip_address="127.0.0.1", log_to_driver=True)
+    except Exception as e:  # noqa: BLE001 (Ray raises several kinds: a wrong port, a version mismatch, a full /tmp)
+        raise UserError(f"cannot {where} ({str(e).strip().splitlines()[0][:200]})"
+                        + ("" if address else ": pass --jobs 1 to run the sweep in this process")) from None
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
+    return {"num_cpus": 1, **gpu}, 1 if address else max(1, torch.get_num_threads() // jobs)
 
 
 def run_task(dense, datasets, budget, run, start, scan, device_type, threads):
@@ -83,7 +94,7 @@ def run_on_ray(chains, dense, datasets, budget, scan, device, resources, threads
                 result = ray.get(ready)
             except ray.exceptions.RayError as e:
                 raise UserError(failure(e, runs[ready], retries)) from None
-            emit(result, runs[ready])
+            emit(result, runs.pop(ready))  # its bytes leave the object store once no later run needs them
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -101,5 +112,9 @@ def failure(error, run, retries):
     if isinstance(error, ray.exceptions.RayTaskError):
         print(error, file=sys.stderr)  # a bug: its traceback, from the worker
         return f"{what} failed ({type(cause).__name__}: {cause}; traceback above); the runs finished before it are saved"
-    return (f"{what}: its worker died {retries + 1} times ({type(error).__name__}: out of memory, killed or a lost "
-            "node); the runs finished before it are saved: rerun the same command to go on")
+    if isinstance(error, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                          ray.exceptions.OutOfMemoryError)):
+        return (f"{what}: its worker died {plural(retries + 1, 'time')} ({type(error).__name__}: out of memory, "
+                "killed or a lost node); the runs finished before it are saved: rerun the same command to go on")
+    return (f"{what}: {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}; the runs finished before "
+            "it are saved: rerun the same command to go on")

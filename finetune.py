@@ -28,7 +28,7 @@ from plots import plot_summary
 from prune import SPARSITY, add_pruning_args, check_allocation_args, load_sparsity_json, resolve_names
 from pruning import FineGrainedPruner, GradualSchedule, get_prunable_names, prune_model
 from train import FINETUNE, RECIPE_FLAGS, Recipe, fit, get_args_parser, load_resume
-from utils import MiB, evaluate, get_device, measure, set_seed, size_line
+from utils import MiB, UserError, evaluate, get_device, measure, set_seed, size_line
 
 # What defines a finetuning run: --resume takes these flags from the saved state.
 FLAGS = (*RECIPE_FLAGS, "train_subset", "eval_views", "gradual", "method", "target", "sparsity", "exclude", "ramp",
@@ -70,10 +70,13 @@ def main(args):
     plot_dir = ensure_writable(args.plot_dir, ("summary.png",))
     state_path = ckpt_dir / "finetuned.resume.pt"
     args, state = load_resume(args, state_path, FLAGS)
-    check_allocation_args(args, "finetune.py --gradual" if args.gradual else None)
+    check_allocation_args(args, pruning=args.gradual)
     recipe = Recipe.from_args(args)
     source = Path(args.checkpoint or ckpt_dir / ("dense.pt" if args.gradual else "pruned.pt"))
-    ckpt = load_checkpoint(source, stages=("dense", "finetuned") if args.gradual else ("pruned",))
+    ckpt = load_checkpoint(source, stages=("dense", "finetuned", "pruned") if args.gradual else ("pruned",))
+    if args.gradual and ckpt["stage"] == "pruned":
+        raise UserError(f"{source} is a 'pruned' checkpoint, pruned already: finetune it without --gradual, or "
+                        "prune gradually from --checkpoint checkpoints/dense.pt (or a finetuned.pt)")
     device = get_device(args.device, args.cudnn_benchmark)
     model = build_model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)
     masks, schedule = gradual_start(model, ckpt, args) if args.gradual else (ckpt["masks"], None)

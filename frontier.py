@@ -45,7 +45,7 @@ from sweep import (BELOW, METHODS, export_name, load_starts, load_sweep, lock_sw
                    split_method, summarize)
 from train import FINETUNE, Recipe
 from train import get_args_parser as get_training_args_parser
-from utils import Interrupted, UserError, evaluate, get_device, measure, plural
+from utils import Interrupted, UserError, compute_dtype, evaluate, get_device, measure, plural
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,8 @@ def run_point(dense, loaders, budget, run, start, scan):
     record = {"method": method, "target": target, "seed": seed, "start": start and start[0]["target"],
               "val_acc": history[best_epoch - 1]["val_acc"], "test_acc": evaluate(model, loaders["test"]),
               **measure(model), "best_epoch": best_epoch, "finetune_epochs": epochs_before + recipe.epochs,
-              "export_bytes": len(exports[export_name(run)]), "layers": dict(pruner.sparsity)}
+              "export_bytes": len(exports[export_name(run)]), "layers": dict(pruner.sparsity),
+              "dtype": compute_dtype(device)}  # on a cluster, each worker's hardware decides (utils.compute_dtype)
     if budget.bits:
         codebook = replace(recipe, epochs=budget.quantize_epochs, lr=budget.quantize_lr)
         record["quantized"], exports[export_name(run, budget.bits)] = share_weights(model, loaders, codebook, budget,
@@ -185,7 +186,8 @@ def get_args_parser():
     add("--address", default=None, metavar="HOST:PORT",
         help="run on the Ray cluster there (`ray start --head` prints it; default: $RAY_ADDRESS, else this machine)")
     add("--retries", type=nonnegative_int, default=1,
-        help="times a run is retried when its worker dies (killed, out of memory, a lost node) (default: %(default)s)")
+        help="on Ray (--jobs N, --address): times a run is retried when its worker dies (killed, out of memory, "
+             "a lost node) (default: %(default)s)")
     add("--scan", default=None, metavar="FILE.json",
         help="the scan for the scan methods (default: <checkpoint-dir>/sensitivity.json)")
     add("--out", default=None, help="the sweep's JSON; the runs' exports go to the folder of the same "
@@ -231,11 +233,11 @@ def recorder(sweep, out, folder, todo):
 
 
 def sweep_jobs(jobs, address, device):
-    """--jobs and --address -> how many runs at once here (0: on the cluster)."""
+    """--jobs and --address (or RAY_ADDRESS) -> how many runs at once here (0: on the cluster)."""
     if address:
         if jobs:
-            raise UserError("--jobs is for a sweep on this machine; a cluster (--address) runs as many runs at once "
-                            "as it has CPUs (or GPUs)")
+            raise UserError(f"--jobs is for a sweep on this machine, but a Ray cluster is named ({address}, by "
+                            "--address or RAY_ADDRESS), which runs as many runs at once as it has CPUs (or GPUs)")
         return 0
     gpus = (torch.cuda.device_count() if device.index is None else 1) if device.type == "cuda" else 0
     if gpus and (jobs or 0) > gpus:
@@ -273,7 +275,8 @@ def main(args):
     chains = plan()[1]  # a bad sweep file fails here, before Ray starts or the lock file is made
     datasets = datasets_for(dense_ckpt, args.data_dir, budget.train_subset)  # read once, here
     make_loaders(datasets, budget.recipe, "cpu", budget.eval_views)  # a bad --batch-size fails now, in one line
-    ray_options = connect(address, min(jobs, len(chains)), device) if chains and (address or jobs > 1) else None
+    jobs = min(jobs, len(chains))  # a chain's runs run one after another
+    ray_options = connect(address, jobs, device) if chains and (address or jobs > 1) else None
     with lock_sweep(out):  # until the runs end
         points, chains = plan()  # again: a sweep that ended meanwhile may have added runs
         sweep = {"dense": dense, "budget": budget.record(), "points": points}

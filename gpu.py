@@ -13,7 +13,7 @@ Each step is one of the repo's scripts, run as a user would run it, its log in O
      a. sensitivity.py, then the pipeline's iterative pruning (global 0.9, finetune,
         global 0.95 from the finetuned model, finetune), then quantize.py
      b. frontier.py: global, global-gradual and global-iterative at 0.9, 0.95 and 0.98,
-        seed 0, 5 finetuning epochs and 1 codebook epoch a run, one Ray job per GPU (OUT/frontier.json,
+        seed 0, 5 finetuning epochs and 1 codebook epoch a run, one run per GPU (OUT/frontier.json,
         the runs' exports in OUT/frontier/)
 Checkpoints go to OUT/checkpoints/, plots to OUT/plots/, and OUT/gpu.json records each
 step's command, seconds and exit status as it ends, then the headline figures. The first

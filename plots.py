@@ -128,10 +128,10 @@ def log_ticks(ax, values, candidates, labels):
 
 
 def plot_frontier(sweep, rows, path):
-    """Test accuracy (mean +- std over seeds, the sweep's `rows` in method order) against the
+    """Test accuracy (mean +- std over seeds: the sweep's summarized `rows`) against the
     compression on disk, fp32 export (solid) and weight-shared export (dotted) (left), and
-    against MACs on nonzero weights (right); a colour per method, the dense accuracy and
-    its 0.5-point band."""
+    against MACs on nonzero weights (right); a colour per method, in the order the rows
+    first name them, the dense accuracy and its 0.5-point band."""
     plt = pyplot()
     dense, bits, b = sweep["dense"], sweep["budget"]["bits"], sweep["budget"]
     fig, (ax_size, ax_macs) = plt.subplots(1, 2, figsize=(14, 5.6), sharey=True)

@@ -54,8 +54,6 @@ SPARSITY = {
     "backbone.residual_block3.conv2.weight": 0.8,
     "classifier.weight": 0.0,
 }
-# What uniform and global pruning keep dense by default: the first conv and the
-# classifier hold 0.03% of the weights and are the most fragile (see the scan).
 def load_sparsity_json(path):
     """A JSON file {layer name: sparsity} -> dict; a bad file is a UserError."""
     return read_json(path, "the --sparsity dict, JSON {layer name: sparsity}",
@@ -110,12 +108,18 @@ def add_pruning_args(parser, choose=True, schedule=False):
     return parser
 
 
-def check_allocation_args(args, where="prune.py"):
-    """The allocation flags fit together; `where` None: no pruning happens, so none is given."""
-    if where is None:
-        if args.method != "dict" or args.sparsity or args.target is not None:
-            raise UserError("--method, --target and --sparsity choose how to prune: with finetune.py they go "
-                            "with --gradual (or prune first with prune.py)")
+def check_allocation_args(args, pruning=True):
+    """The allocation flags fit together; with pruning False (finetune.py without --gradual)
+    none of the pruning flags may be given, since nothing would read them."""
+    if not pruning:
+        given = [flag for flag, value, default in (("--method", args.method, "dict"), ("--target", args.target, None),
+                                                   ("--sparsity", args.sparsity, None),
+                                                   ("--exclude", args.exclude, ",".join(EXCLUDE)),
+                                                   ("--ramp", args.ramp, 0.5), ("--prune-every", args.prune_every, 10))
+                 if value != default]
+        if given:
+            raise UserError(f"{', '.join(given)} choose how to prune: with finetune.py they go with --gradual "
+                            "(or prune first with prune.py)")
         return
     if args.method != "dict" and args.sparsity:
         raise UserError(f"--sparsity is a dict for --method dict; --method {args.method} takes --target")

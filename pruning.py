@@ -10,8 +10,8 @@ from utils import UserError, get_sparsity
 
 
 METHODS = ("dict", "uniform", "global", "random")
-
-
+# What uniform and global pruning keep dense by default: the first conv and the
+# classifier hold 0.03% of the weights and are the most fragile (see the scan).
 EXCLUDE = ("backbone.conv0.weight", "classifier.weight")
 
 
@@ -116,7 +116,7 @@ def allocate(model, method, target=None, sparsity_dict=None, exclude=EXCLUDE, ma
 def prune_model(model, method, target=None, sparsity_dict=None, exclude=EXCLUDE, held=None, gradual=False,
                 ramp=0.5, every=10, seed=0):
     """Prune `model` in place -> (FineGrainedPruner, plan {name: sparsity}, gradual schedule
-    record or None): the one pruning path of prune.py and frontier.py.
+    record or None): the one pruning path of prune.py, finetune.py --gradual and frontier.py.
 
     `held` masks (of a finetuned model pruned again: iterative pruning) only shrink. With
     gradual, only the weights that are zero already are masked now (a no-op on a dense

@@ -203,10 +203,6 @@ def main(args):
     return {"dense_acc": dense_acc, "suggestion": suggestion, "size_bits": sparse_bits}
 
 
-if __name__ == "__main__":
-    cli(main, get_args_parser())
-
-
 def scan_plan(scan, target, model):
     """The scan's suggestion that removes at least `target` of the prunable weights, or
     None when even the highest scanned sparsities fall short."""
@@ -235,3 +231,7 @@ def load_scan(path, model, dense_sha256):
     if wrong or scan["checkpoint_sha256"] != dense_sha256:
         raise UserError(f"{path} was scanned on another model than this dense checkpoint: {fix}")
     return scan
+
+
+if __name__ == "__main__":
+    cli(main, get_args_parser())

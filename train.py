@@ -31,7 +31,6 @@ from utils import (Interrupted, UserError, autocast, evaluate, get_device, measu
                    set_seed, tta_label)
 
 
-
 @dataclass(frozen=True)
 class Recipe:
     """What a training run needs, built once from the flags of the same names (train.py

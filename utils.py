@@ -160,7 +160,7 @@ def get_num_parameters(model, count_nonzero_only=False):
 
 
 def get_model_size(model, data_width=32, count_nonzero_only=False):
-    """Model size in bits; divide by MiB for MiB."""
+    """Model size in bits, as in the course; / 8 / MiB gives MiB."""
     return get_num_parameters(model, count_nonzero_only) * data_width
 
 

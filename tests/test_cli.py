@@ -108,6 +108,7 @@ BAD_INPUTS = [  # (script, extra args, what the one line must say)
     ("finetune", lambda t: ["--method", "random", "--target", "0.5", "--gradual"], "one-shot control"),
     ("prune", lambda t: ["--method", "global", "--target", "0.5", "--gradual"], "run `python finetune.py --gradual`"),
     ("finetune", lambda t: ["--method", "global", "--target", "0.5"], "go with --gradual"),
+    ("finetune", lambda t: ["--ramp", "0.3", "--exclude", "conv0"], "--exclude, --ramp choose how to prune"),
     ("finetune", lambda t: ["--gradual", "--target", "0.5"], "sensitivity.py --target-sparsity"),
     ("finetune", lambda t: ["--gradual", "--method", "global", "--target", "0.5", "--checkpoint", "{ckpt}/pruned.pt"],
      "'pruned' checkpoint"),

@@ -113,7 +113,7 @@ def test_a_worker_dead_past_its_retries_stops_in_one_line_and_the_rerun_complete
     os.kill(wait_for(tasks, "no run under way")[0], signal.SIGKILL)
     assert process.wait(timeout=300) == 2
     err = [line for line in process.communicate()[1].splitlines() if line.startswith("error: ")]
-    assert len(err) == 1 and "its worker died 1 times" in err[0] and "rerun the same command" in err[0], err
+    assert len(err) == 1 and "its worker died 1 time " in err[0] and "rerun the same command" in err[0], err
     kept = json.loads(out.read_text())["points"]
     assert 1 <= len(kept) < 4
     process = start(image_folder, chain, out, "--jobs", "2")
@@ -121,11 +121,12 @@ def test_a_worker_dead_past_its_retries_stops_in_one_line_and_the_rerun_complete
     assert outcome(out) == reference
 
 
-def test_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(chain, image_folder, tmp_path, reference):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and a scheduler's or timeout's stop
+def test_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(chain, image_folder, tmp_path, reference, stop):
     out = tmp_path / "f.json"
     process = start(image_folder, chain, out, "--jobs", "2")
     wait_for(lambda: out.exists(), "no run finished")
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     assert process.wait(timeout=120) == 130
     assert "rerun the same command to continue" in process.communicate()[1]
     assert wait_for(lambda: not tasks(), "a run went on after Ctrl-C", 60)
