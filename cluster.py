@@ -6,6 +6,7 @@ needs no data folder and no shared file system. Workers return each run's record
 exports' bytes; the driver alone writes them. A worker that dies (killed, out of memory,
 a lost node) has its run retried `retries` times; any other failure stops the sweep.
 """
+import logging
 import signal
 import socket
 import sys
@@ -29,8 +30,8 @@ def check_reachable(address):
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
     except (OSError, ValueError):
-        raise UserError(f"no Ray cluster answers at --address {address}: start one with `ray start --head` "
-                        "(its address is printed, HOST:6379), or leave --address out to run here") from None
+        raise UserError(f"no Ray cluster answers at {address} (--address or RAY_ADDRESS): start one with "
+                        "`ray start --head` (it prints HOST:6379), or leave --address out to run here") from None
 
 
 def connect(address, jobs, device):
@@ -47,10 +48,11 @@ def connect(address, jobs, device):
     sigterm = signal.getsignal(signal.SIGTERM)  # ray.init sets its own, which would skip the Ctrl-C path
     try:
         if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
         else:
             ray.init(num_cpus=jobs, num_gpus=torch.cuda.device_count() if gpu else 0, include_dashboard=False,
-                     runtime_env=runtime_env, _node_ip_address="127.0.0.1", log_to_driver=True)
+                     runtime_env=runtime_env, _node_ip_address="127.0.0.1", log_to_driver=True,
+                     logging_level=logging.WARNING)
     except Exception as e:  # noqa: BLE001 (Ray raises several kinds: a wrong port, a version mismatch, a full /tmp)
         raise UserError(f"cannot {where} ({str(e).strip().splitlines()[0][:200]})"
                         + ("" if address else ": pass --jobs 1 to run the sweep in this process")) from None
@@ -111,7 +113,8 @@ def failure(error, run, retries):
         return f"{'' if str(cause).startswith(what) else what + ': '}{cause}; the runs finished before it are saved"
     if isinstance(error, ray.exceptions.RayTaskError):
         print(error, file=sys.stderr)  # a bug: its traceback, from the worker
-        return f"{what} failed ({type(cause).__name__}: {cause}; traceback above); the runs finished before it are saved"
+        return (f"{what} failed ({type(cause).__name__}: {cause}; traceback above); the runs finished before it are "
+                "saved")
     if isinstance(error, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                           ray.exceptions.OutOfMemoryError)):
         return (f"{what}: its worker died {plural(retries + 1, 'time')} ({type(error).__name__}: out of memory, "

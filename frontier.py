@@ -241,7 +241,8 @@ def sweep_jobs(jobs, address, device):
         return 0
     gpus = (torch.cuda.device_count() if device.index is None else 1) if device.type == "cuda" else 0
     if gpus and (jobs or 0) > gpus:
-        raise UserError(f"--jobs {jobs} is more than the {plural(gpus, 'GPU')} of --device {device}: pass at most {gpus}")
+        raise UserError(f"--jobs {jobs} is more than the {plural(gpus, 'GPU')} of --device {device}: "
+                        f"pass at most {gpus}")
     return resolve_jobs(jobs or 0, gpus or 2)
 
 
@@ -290,8 +291,8 @@ def main(args):
             else:
                 run_chains(chains, dense_ckpt, datasets, budget, scan, device, emit)
         except KeyboardInterrupt:
-            raise Interrupted(f"{plural(len(points), 'run')} saved in {out}; rerun the same command to "
-                              "continue") from None
+            saved = f"{plural(len(points), 'run')} saved in {out}" if points else "no run had finished"
+            raise Interrupted(f"{saved}; rerun the same command to continue") from None
     if not points:
         raise UserError("no run could be done: see the lines above")
     print_table(sweep)

@@ -118,7 +118,7 @@ def check_allocation_args(args, pruning=True):
                                                    ("--ramp", args.ramp, 0.5), ("--prune-every", args.prune_every, 10))
                  if value != default]
         if given:
-            raise UserError(f"{', '.join(given)} choose how to prune: with finetune.py they go with --gradual "
+            raise UserError(f"{', '.join(given)}: pruning flags, which with finetune.py go with --gradual "
                             "(or prune first with prune.py)")
         return
     if args.method != "dict" and args.sparsity:

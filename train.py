@@ -304,6 +304,10 @@ def load_resume(args, state_path, flags=RUN_FLAGS):
         raise UserError(f"--resume: the saved state {state_path} {what}; start the run without --resume")
     state = load_checkpoint(state_path, stages=("resume",))
     saved = {flag: state["args"][flag] for flag in flags if flag in state["args"]}
+    ignored = [f"--{flag.replace('_', '-')} {value}" for flag, value in saved.items()
+               if getattr(args, flag, None) != value]
+    if ignored:
+        print(f"--resume goes on with the run's own flags: {', '.join(ignored)} (the values given now are ignored)")
     return argparse.Namespace(**{**vars(args), **saved}), state
 
 
