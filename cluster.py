@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from sweep import BELOW
-from utils import UserError, plural
+from sweep import BELOW, run_label
+from utils import UserError, get_device, plural
 
 REPO = Path(__file__).resolve().parent
 # What a worker on another node gets of the repo: the code, not the runs or the data.
@@ -69,8 +69,7 @@ def run_task(dense, datasets, budget, run, start, scan, device_type, threads):
     from frontier import run_point
 
     torch.set_num_threads(threads)
-    torch.backends.cudnn.benchmark = budget.cudnn_benchmark
-    device = torch.device(device_type)  # on CUDA, Ray has set CUDA_VISIBLE_DEVICES to the task's GPU
+    device = get_device(device_type, budget.cudnn_benchmark)  # on CUDA, Ray has set CUDA_VISIBLE_DEVICES
     return run_point(dense, make_loaders(datasets, budget.recipe, device, budget.eval_views), budget, run, start, scan)
 
 
@@ -107,7 +106,7 @@ def failure(error, run, retries):
     """The one line for a run that failed in Ray: its own error, or its worker's death."""
     import ray
 
-    what = f"{run[0]} {run[1]:g} seed {run[2]}"
+    what = run_label(run)
     cause = getattr(error, "cause", None)
     if isinstance(error, ray.exceptions.RayTaskError) and isinstance(cause, UserError):
         return f"{'' if str(cause).startswith(what) else what + ': '}{cause}; the runs finished before it are saved"

@@ -42,6 +42,7 @@ from pruning import get_prunable_names, prune_model
 from quantize import quantize_model
 from sensitivity import load_scan, scan_plan
 from sweep import (BELOW, METHODS, export_name, load_starts, load_sweep, lock_sweep, plan_chains, print_table, run_key,
+                   run_label,
                    split_method, summarize)
 from train import FINETUNE, Recipe
 from train import get_args_parser as get_training_args_parser
@@ -115,7 +116,7 @@ def run_point(dense, loaders, budget, run, start, scan):
     exclude = resolve_names(budget.exclude, get_prunable_names(model))
     pruner, _, schedule = prune_model(model, allocation, target, sparsity_dict, exclude, held,
                                       kind == "gradual", budget.ramp, budget.prune_every, seed)
-    recipe, desc = replace(budget.recipe, seed=seed), f"{method} {target:g} seed {seed}"
+    recipe, desc = replace(budget.recipe, seed=seed), run_label(run)
     pruner, history, best_epoch = finetune_model(model, pruner.state_dict(), schedule, loaders, recipe, desc=desc,
                                                  compile=budget.compile)
     check_finite(model, f"{desc}: finetuning", "--lr")
@@ -214,9 +215,9 @@ def recorder(sweep, out, folder, todo):
     done = []
 
     def emit(result, run):
-        (record, exports), (method, target, seed) = result, run
+        (record, exports), target = result, run[1]
         if record is None:
-            print(f"{method} {target:g} seed {seed}: skipped, the scan's sparsities cannot reach {target:g} "
+            print(f"{run_label(run)}: skipped, the scan's sparsities cannot reach {target:g} "
                   "(scan higher --sparsities in sensitivity.py)")
             return
         for name, data in exports.items():
@@ -225,7 +226,7 @@ def recorder(sweep, out, folder, todo):
         done.append(record)
         write_json(sweep, out)
         q = record.get("quantized")
-        print(f"[{len(done)}/{todo}] {method} {target:g} seed {seed}: sparsity {record['sparsity']:.4f} | val "
+        print(f"[{len(done)}/{todo}] {run_label(run)}: sparsity {record['sparsity']:.4f} | val "
               f"{record['val_acc']:.2f}% | test {record['test_acc']:.2f}%"
               + (f" | {sweep['budget']['bits']}-bit test {q['test_acc']:.2f}%, {q['export_bytes']:,} bytes" if q
                  else "") + f" | {record['seconds']:.0f} s")

@@ -112,11 +112,8 @@ def check_allocation_args(args, pruning=True):
     """The allocation flags fit together; with pruning False (finetune.py without --gradual)
     none of the pruning flags may be given, since nothing would read them."""
     if not pruning:
-        given = [flag for flag, value, default in (("--method", args.method, "dict"), ("--target", args.target, None),
-                                                   ("--sparsity", args.sparsity, None),
-                                                   ("--exclude", args.exclude, ",".join(EXCLUDE)),
-                                                   ("--ramp", args.ramp, 0.5), ("--prune-every", args.prune_every, 10))
-                 if value != default]
+        defaults = vars(add_pruning_args(argparse.ArgumentParser(), schedule=True).parse_args([]))
+        given = [f"--{name.replace('_', '-')}" for name, value in defaults.items() if getattr(args, name) != value]
         if given:
             raise UserError(f"{', '.join(given)}: pruning flags, which with finetune.py go with --gradual "
                             "(or prune first with prune.py)")

@@ -23,6 +23,12 @@ def split_method(method):
     return allocation, kind or "one-shot"
 
 
+def run_label(run):
+    """(method, target, seed) -> 'global 0.9 seed 0', as every line about a run names it."""
+    method, target, seed = run
+    return f"{method} {target:g} seed {seed}"
+
+
 def export_name(run, bits=0):
     """(method, target, seed) -> the file name of its fp32 export, or of its bits-wide shared one."""
     method, target, seed = run
@@ -170,7 +176,7 @@ def load_starts(chains, folder, config):
         loaded.append([])
         for run, start in chain:
             if isinstance(start, dict):
-                path, what = folder / export_name(run_key(start)), f"{run[0]} at {run[1]:g} (seed {run[2]})"
+                path, what = folder / export_name(run_key(start)), run_label(run)
                 if not path.is_file():
                     raise UserError(f"{path} is missing, but {what} goes on from it: {fix}")
                 try:

@@ -307,7 +307,7 @@ def load_resume(args, state_path, flags=RUN_FLAGS):
     ignored = [f"--{flag.replace('_', '-')} {value}" for flag, value in saved.items()
                if getattr(args, flag, None) != value]
     if ignored:
-        print(f"--resume goes on with the run's own flags: {', '.join(ignored)} (the values given now are ignored)")
+        print(f"--resume goes on with the run's own flags where this command's differ: {', '.join(ignored)}")
     return argparse.Namespace(**{**vars(args), **saved}), state
 
 

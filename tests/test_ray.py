@@ -100,6 +100,7 @@ def test_a_killed_worker_has_its_run_retried_to_the_same_records(chain, image_fo
     process = start(image_folder, chain, tmp_path / "f.json", "--jobs", "2")
     victim = wait_for(tasks, "no run started")[0]
     time.sleep(0.5)  # into its training
+    assert victim in tasks(), "the run ended before the kill: nothing would be retried"
     os.kill(victim, signal.SIGKILL)
     assert process.wait(timeout=300) == 0, process.communicate()[1][-3000:]
     assert outcome(tmp_path / "f.json") == reference

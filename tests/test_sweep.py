@@ -112,7 +112,7 @@ def test_seeds_resume_per_run_and_jobs(chain, image_folder, tmp_path, capsys):
     # An iterative run whose start export is gone is refused before any training.
     out.write_text(json.dumps({**saved, "points": kept}))
     (tmp_path / "f" / "global-iterative-0.5-seed1.sparse.pt").unlink()
-    with pytest.raises(UserError, match="is missing, but global-iterative at 0.8"):
+    with pytest.raises(UserError, match="is missing, but global-iterative 0.8 seed 1"):
         sweep(image_folder, chain, out, *flags)
     assert json.loads(out.read_text())["points"] == kept
 
@@ -141,7 +141,7 @@ def test_every_finished_start_of_a_chain_is_checked_before_training(chain, image
     (tmp_path / "f" / "global-iterative-0.7-seed0.sparse.pt").unlink()
     before = out.read_bytes()
     # 0.5 would start from dense and train; 0.9 goes on from the finished 0.7, whose export is gone
-    with pytest.raises(UserError, match="global-iterative-0.7-seed0.sparse.pt is missing, but global-iterative at 0.9"):
+    with pytest.raises(UserError, match="global-iterative-0.7-seed0.sparse.pt is missing, but global-iterative 0.9 seed 0"):
         sweep(image_folder, chain, out, *flags, "--sparsities", "0.5,0.7,0.9")
     assert out.read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == []
